@@ -1,0 +1,47 @@
+"""Argument checks shared by layers and models: each error names the argument, the value, what is
+allowed and how to fix it, and is raised at construction time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_positive_int(name: str, value: Any, *, owner: str = "") -> int:
+    """Return `value` as int, or raise ValueError unless it is an integer >= 1."""
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{where}`{name}` must be a positive integer (>= 1), got {value!r}. "
+            f"Pass e.g. {name}=64."
+        )
+    return int(value)
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any], *, owner: str = "") -> Any:
+    """Return `value` if it is one of `allowed`, else raise ValueError listing the choices."""
+    allowed = list(allowed)
+    if value not in allowed:
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}`{name}`={value!r} is not supported. Allowed values: "
+            f"{', '.join(repr(a) for a in allowed)}."
+        )
+    return value
+
+
+def normalize_tuple(name: str, value: Any, n: int, *, owner: str = "") -> tuple[int, ...]:
+    """An int or a length-`n` sequence of positive ints -> tuple of `n` ints."""
+    values = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = None
+    if values is None or len(values) != n:
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}`{name}` must be an int or a sequence of {n} ints, got {value!r}."
+        )
+    for v in values:
+        check_positive_int(name, v, owner=owner)
+    return tuple(int(v) for v in values)

@@ -1,0 +1,5 @@
+"""Building blocks, each a serializable Keras layer registered under package "dlmodels"."""
+
+from dlmodels.layers.conv import NORMS, ConvNormAct, make_activation, make_norm
+
+__all__ = ["NORMS", "ConvNormAct", "make_activation", "make_norm"]
