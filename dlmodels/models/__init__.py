@@ -1,5 +1,6 @@
 """Paper models and the registry: `dlmodels.models.get(name, **kw)`, `dlmodels.models.list()`."""
 
 from dlmodels.models.registry import entry, get, list, register
+from dlmodels.models.unet import UNet
 
-__all__ = ["entry", "get", "list", "register"]
+__all__ = ["UNet", "entry", "get", "list", "register"]
