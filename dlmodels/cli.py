@@ -124,7 +124,8 @@ def export_cmd(
     unknown = sorted(set(wanted) - {"saved_model", "onnx", "int8"})
     if unknown:
         raise typer.BadParameter(
-            f"unknown formats {unknown}; choose from saved_model, onnx, int8", param_hint="--formats"
+            f"unknown formats {unknown}; choose from saved_model, onnx, int8",
+            param_hint="--formats",
         )
     model = keras.saving.load_model(model_path)
     rows = demo.export_and_verify(

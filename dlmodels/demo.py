@@ -152,7 +152,9 @@ def export_and_verify(
     image_size = tuple(model.input_shape[1:3])
     if test_images is None:
         test_images, test_masks = shapes.load("test", image_size=image_size, seed=seed)
-    calib, _ = shapes.load("train", image_size=image_size, num_samples=calibration_samples, seed=seed)
+    calib, _ = shapes.load(
+        "train", image_size=image_size, num_samples=calibration_samples, seed=seed
+    )
     input_name = model.inputs[0].name
     keras_logits = model.predict(test_images, batch_size=32, verbose=0)
     keras_miou = segmentation_miou(test_masks, keras_logits)
@@ -175,7 +177,9 @@ def export_and_verify(
     if "saved_model" in formats:
         path = export.to_saved_model(model, output_dir / "saved_model" / "1", overwrite=overwrite)
         predict = _saved_model_predictor(path, input_name)
-        out = np.concatenate([predict(test_images[i : i + 32]) for i in range(0, len(test_images), 32)])
+        out = np.concatenate(
+            [predict(test_images[i : i + 32]) for i in range(0, len(test_images), 32)]
+        )
         rows.append(
             {
                 "artifact": "SavedModel",
@@ -190,7 +194,11 @@ def export_and_verify(
     if "onnx" in formats or "int8" in formats:
         export.to_onnx(model, onnx_path, opset=opset, overwrite=overwrite)
         report = export.verify(
-            model, onnx_path, test_images, labels=test_masks, metric=segmentation_miou,
+            model,
+            onnx_path,
+            test_images,
+            labels=test_masks,
+            metric=segmentation_miou,
             atol=PARITY_ATOL,
         )
         rows.append(
@@ -359,7 +367,10 @@ def run_bench(*, model_path=None, output, iters=50, seed=0):
         "benchmark": "batch-1 latency, Keras/TF tf.function vs onnxruntime fp32 vs int8",
         "model": source,
         "results": [
-            {k: r.get(k) for k in ("artifact", "p50_ms", "speedup_vs_keras", "max_abs_error", "miou")}
+            {
+                k: r.get(k)
+                for k in ("artifact", "p50_ms", "speedup_vs_keras", "max_abs_error", "miou")
+            }
             for r in rows
         ],
     }

@@ -239,8 +239,7 @@ class ConvNormAct(keras.layers.Layer):
             )
         if channels % self.groups:
             raise ValueError(
-                f"{self.name}: `groups`={self.groups} must divide the input channels "
-                f"({channels})."
+                f"{self.name}: `groups`={self.groups} must divide the input channels ({channels})."
             )
         if self.preact:
             self.norm_layer = make_norm(

@@ -47,12 +47,14 @@ def test_matches_keras_reference_in_inference():
 
 def test_preact_order_and_leaky_slope():
     x = -np.ones((1, 4, 4, 2), "float32")
-    layer = ConvNormAct(2, kernel_size=1, norm=None, activation="leaky_relu", preact=True,
-                        kernel_initializer="ones")
+    layer = ConvNormAct(
+        2, kernel_size=1, norm=None, activation="leaky_relu", preact=True, kernel_initializer="ones"
+    )
     # preact: leaky(-1) = -0.01 per channel, then the 1x1 conv of ones sums 2 channels (+ bias 0)
     np.testing.assert_allclose(layer(x), np.full((1, 4, 4, 2), -0.02), atol=1e-6)
-    post = ConvNormAct(2, kernel_size=1, norm=None, activation="leaky_relu_0.2",
-                       kernel_initializer="ones")
+    post = ConvNormAct(
+        2, kernel_size=1, norm=None, activation="leaky_relu_0.2", kernel_initializer="ones"
+    )
     np.testing.assert_allclose(post(x), np.full((1, 4, 4, 2), -0.4), atol=1e-6)
 
 

@@ -43,7 +43,14 @@ def test_unet_paper_configuration_parameter_count():
 def test_unet_layer_names_and_any_size():
     model = UNet((None, None, 3), 3, depth=3, base_filters=4)
     names = {layer.name for layer in model.layers}
-    assert {"image", "enc1_conv1", "enc3_pool", "bottleneck_conv2", "dec1_concat", "logits"} <= names
+    assert {
+        "image",
+        "enc1_conv1",
+        "enc3_pool",
+        "bottleneck_conv2",
+        "dec1_concat",
+        "logits",
+    } <= names
     for size in (16, 40):
         out = model(np.zeros((1, size, size, 3), "float32"))
         assert out.shape == (1, size, size, 3)
@@ -58,8 +65,9 @@ def test_unet_output_is_float32_under_mixed_precision():
 
 def test_unet_registry():
     assert "unet" in dlmodels.models.list()
-    model = dlmodels.models.get("unet", input_shape=(32, 32, 3), num_classes=5, depth=2,
-                                base_filters=4)
+    model = dlmodels.models.get(
+        "unet", input_shape=(32, 32, 3), num_classes=5, depth=2, base_filters=4
+    )
     assert model.output_shape == (None, 32, 32, 5)
     with pytest.raises(ValueError, match=r"`name`='unet9'.*registered"):
         dlmodels.models.get("unet9")

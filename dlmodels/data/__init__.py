@@ -1,0 +1,6 @@
+"""Data sets for training, calibration and evaluation: numpy arrays and tf.data pipelines that
+shard correctly under tf.distribute."""
+
+from dlmodels.data import shapes
+
+__all__ = ["shapes"]

@@ -1,0 +1,249 @@
+"""Parity of an exported ONNX file against the Keras model it came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+_WORKER = Path(__file__).with_name("_ort_worker.py")
+
+
+class VerificationError(AssertionError):
+    """An exported artifact disagrees with its Keras model beyond the tolerance."""
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """What `verify` measured.
+
+    Attributes:
+        path: the ONNX file checked.
+        max_abs_error: largest |onnx - keras| over every output element.
+        mean_abs_error: mean |onnx - keras| over every output element.
+        atol: the tolerance `passed` was judged against.
+        passed: max_abs_error <= atol and every ONNX output is finite.
+        n_samples: number of input samples compared.
+        agreement: fraction of positions whose argmax over the last axis agrees, for outputs with
+            more than one channel (class scores); None otherwise.
+        metric_keras / metric_onnx: `metric(labels, outputs)` on Keras and ONNX outputs when a
+            metric and labels were given.
+    """
+
+    path: str
+    max_abs_error: float
+    mean_abs_error: float
+    atol: float
+    passed: bool
+    n_samples: int
+    agreement: float | None = None
+    metric_keras: float | None = None
+    metric_onnx: float | None = None
+
+    def __str__(self) -> str:
+        parts = [
+            f"{'PASS' if self.passed else 'FAIL'} {self.path}: max |err| {self.max_abs_error:.3e}",
+            f"mean |err| {self.mean_abs_error:.3e}",
+            f"atol {self.atol:g}",
+            f"n={self.n_samples}",
+        ]
+        if self.agreement is not None:
+            parts.append(f"argmax agreement {self.agreement:.4f}")
+        if self.metric_keras is not None:
+            parts.append(f"metric keras {self.metric_keras:.4f} / onnx {self.metric_onnx:.4f}")
+        return ", ".join(parts)
+
+
+def _feeds(names: list[str], inputs) -> dict[str, np.ndarray]:
+    """Map `inputs` (array, list of arrays in graph order, or dict by name) to graph inputs."""
+    if isinstance(inputs, Mapping):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ValueError(f"inputs lack {missing}; the ONNX graph inputs are {names}")
+        arrays = [inputs[n] for n in names]
+    elif isinstance(inputs, list | tuple):
+        if len(inputs) != len(names):
+            raise ValueError(f"got {len(inputs)} input arrays; the ONNX graph has inputs {names}")
+        arrays = list(inputs)
+    else:
+        if len(names) != 1:
+            raise ValueError(f"the ONNX graph has inputs {names}; pass a list or a dict of arrays")
+        arrays = [inputs]
+    # ONNX has no implicit casts: float64 numpy arrays would be refused by the float32 graph.
+    return {
+        n: np.ascontiguousarray(a, dtype=np.float32 if np.asarray(a).dtype == np.float64 else None)
+        for n, a in zip(names, arrays, strict=True)
+    }
+
+
+def onnx_predict(
+    path: str | os.PathLike, inputs, *, fresh_process: bool = False
+) -> list[np.ndarray]:
+    """Run an ONNX file with onnxruntime on CPU and return its outputs in graph order.
+
+    Args:
+        path: the .onnx file.
+        inputs: one array (single-input graphs), a list in graph-input order, or a dict by name.
+        fresh_process: run in a new Python process importing only numpy + onnxruntime. This is
+            what a serving process sees, with nothing shared with the exporting process.
+
+    Returns:
+        A list of numpy arrays, one per graph output.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}")
+    if not fresh_process:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = _feeds([i.name for i in sess.get_inputs()], inputs)
+        return [np.asarray(o) for o in sess.run(None, feeds)]
+    return _run_worker(path, inputs)[0]
+
+
+def _run_worker(path: Path, inputs) -> tuple[list[np.ndarray], list[str], bool]:
+    # Arrays travel by name when the caller named them, else by position (`input_0`, ...); the
+    # worker maps them onto its graph inputs, so this process never has to open the model.
+    if isinstance(inputs, Mapping):
+        feeds = {str(k): np.ascontiguousarray(v) for k, v in inputs.items()}
+    else:
+        arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
+        feeds = {f"input_{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
+    feeds = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feeds.items()}
+    with tempfile.TemporaryDirectory(prefix="dlmodels-ort-") as tmp:
+        in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+        np.savez(in_path, **feeds)
+        proc = subprocess.run(
+            [sys.executable, str(_WORKER), str(path.resolve()), in_path, out_path],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"onnxruntime worker failed on {path} (exit {proc.returncode}):\n"
+                f"{proc.stderr.strip()[-3000:]}"
+            )
+        with np.load(out_path) as data:
+            out_names = [str(n) for n in data["output_names"]]
+            outputs = [data[f"output_{i}"] for i in range(len(out_names))]
+            tf_loaded = bool(data["tensorflow_loaded"])
+    return outputs, out_names, tf_loaded
+
+
+def _keras_outputs(model, inputs) -> dict[str, np.ndarray]:
+    from dlmodels.export._signature import pack_inputs
+
+    if isinstance(inputs, Mapping):
+        flat = [inputs[t.name] for t in model.inputs]
+    elif isinstance(inputs, list | tuple):
+        flat = list(inputs)
+    else:
+        flat = [inputs]
+    out = model.predict(pack_inputs(model, flat), verbose=0, batch_size=32)
+    import keras
+
+    flat = keras.tree.flatten(out)
+    return {k: np.asarray(v) for k, v in zip(model.output_names, flat, strict=True)}
+
+
+def _n_samples(inputs) -> int:
+    if isinstance(inputs, Mapping):
+        inputs = next(iter(inputs.values()))
+    elif isinstance(inputs, list | tuple):
+        inputs = inputs[0]
+    return int(np.shape(inputs)[0])
+
+
+def verify(
+    model,
+    onnx_path: str | os.PathLike,
+    inputs,
+    *,
+    atol: float = 1e-4,
+    labels=None,
+    metric: Callable | None = None,
+    raise_on_fail: bool = False,
+) -> VerifyReport:
+    """Compare an ONNX file, run in a fresh onnxruntime process, with Keras inference.
+
+    Keras runs `model.predict(inputs)` (inference mode); the ONNX file runs in a new process that
+    imports only numpy and onnxruntime, so the numbers are what a serving process would produce.
+    Outputs are matched by name (ONNX output names must equal `model.output_names`, which
+    `to_onnx` guarantees). For int8 files pass a large atol (or np.inf) and judge by
+    `agreement` / the metric instead.
+
+    Args:
+        model: the Keras model the file was exported from.
+        onnx_path: the ONNX file.
+        inputs: samples: one array, a list in input order, or a dict by input name.
+        atol: largest tolerated absolute error.
+        labels: ground truth for `metric`.
+        metric: `metric(labels, outputs) -> float`, where outputs is the single output array
+            (or the list of outputs for multi-output models); computed on Keras and on ONNX
+            outputs when `labels` is given.
+        raise_on_fail: raise VerificationError instead of returning a failed report.
+
+    Returns:
+        A VerifyReport.
+    """
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {onnx_path}; export one with to_onnx first")
+    expected = _keras_outputs(model, inputs)
+    got_list, got_names, tf_loaded = _run_worker(onnx_path, inputs)
+    if tf_loaded:  # the worker's contract; a regression here would invalidate the check
+        raise RuntimeError("the onnxruntime worker imported TensorFlow; parity is not isolated")
+    got = dict(zip(got_names, got_list, strict=True))
+    if set(got) != set(expected):
+        raise VerificationError(
+            f"{onnx_path}: ONNX outputs {got_names} do not match Keras output_names "
+            f"{list(expected)}; re-export with dlmodels.export.to_onnx"
+        )
+    abs_sum, count, max_err = 0.0, 0, 0.0
+    agree_hits, agree_total = 0, 0
+    for name, e in expected.items():
+        g = got[name]
+        if g.shape != e.shape:
+            raise VerificationError(
+                f"{onnx_path}: output {name!r} has shape {g.shape} in ONNX, {e.shape} in Keras"
+            )
+        diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+        max_err = max(max_err, float(np.max(diff)) if diff.size else 0.0)
+        abs_sum += float(np.sum(diff))
+        count += diff.size
+        if e.ndim >= 2 and e.shape[-1] > 1:
+            agree_hits += int(np.sum(np.argmax(g, -1) == np.argmax(e, -1)))
+            agree_total += int(np.prod(e.shape[:-1]))
+    finite = all(np.all(np.isfinite(g)) for g in got.values())
+    if not finite or not np.isfinite(max_err):
+        # NaN/inf never passes, not even against atol=inf (the int8 convention).
+        max_err = float("inf")
+    report = VerifyReport(
+        path=str(onnx_path),
+        max_abs_error=max_err,
+        mean_abs_error=abs_sum / max(count, 1),
+        atol=float(atol),
+        passed=bool(finite and max_err <= atol),
+        n_samples=_n_samples(inputs),
+        agreement=agree_hits / agree_total if agree_total else None,
+    )
+    if metric is not None and labels is not None:
+
+        def pack(d: dict[str, np.ndarray]):
+            values = [d[k] for k in model.output_names]
+            return values[0] if len(values) == 1 else values
+
+        report.metric_keras = float(metric(labels, pack(expected)))
+        report.metric_onnx = float(metric(labels, pack(got)))
+    if raise_on_fail and not report.passed:
+        raise VerificationError(str(report))
+    return report

@@ -1,0 +1,59 @@
+"""The CLI and the end-to-end slice: train -> export -> verify -> benchmark."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dlmodels import demo
+from dlmodels.cli import app
+
+runner = CliRunner()
+
+
+def test_models_lists_registry():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    assert "unet" in result.output
+    assert "Ronneberger" in result.output
+
+
+def test_bad_image_size_is_rejected_before_work():
+    result = runner.invoke(app, ["demo", "--image-size", "96x"])
+    assert result.exit_code != 0
+    assert "--image-size" in result.output
+
+
+def test_export_missing_model_path(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path / "nope.keras")])
+    assert result.exit_code != 0
+    assert "does not exist" in result.output
+
+
+def test_small_end_to_end_slice(tmp_path):
+    """A tiny run of the demo pipeline: every artifact written, verified and timed."""
+    results = demo.run_demo(
+        output_dir=tmp_path, image_size=(32, 32), epochs=1, train_samples=64, seed=3
+    )
+    rows = {r["artifact"]: r for r in results["rows"]}
+    assert set(rows) == {"keras (TF)", "SavedModel", "ONNX fp32", "ONNX int8"}
+    assert rows["SavedModel"]["max_abs_error"] <= 1e-4
+    assert rows["ONNX fp32"]["max_abs_error"] <= 1e-4
+    assert abs(rows["ONNX fp32"]["miou"] - rows["keras (TF)"]["miou"]) < 1e-3
+    for name in ("model.keras", "model.onnx", "model.int8.onnx", "manifest.json"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "saved_model" / "1" / "saved_model.pb").exists()
+    assert rows["ONNX int8"]["size_bytes"] < rows["ONNX fp32"]["size_bytes"]
+    saved = json.loads((tmp_path / "demo_results.json").read_text())
+    assert saved["checks"]["ONNX max abs error <= 0.0001"] is True
+    assert all(r["p50_ms"] > 0 for r in results["rows"])
+
+
+@pytest.mark.slow
+def test_full_demo_meets_the_bar(tmp_path):
+    """`make demo`'s own configuration: mIoU >= 0.90 held out, parity, int8 within 1 point."""
+    results = demo.run_demo(output_dir=tmp_path)
+    checks = results["checks"]
+    assert checks["test mIoU >= 0.90"], results["test_miou"]
+    assert checks["ONNX max abs error <= 0.0001"]
+    assert checks["int8 mIoU within 1 point of fp32"]
