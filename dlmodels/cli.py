@@ -15,7 +15,7 @@ import typer
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="dlmodels: paper-faithful Keras models, trained under tf.distribute, exported and verified.",
+    help="dlmodels: paper-faithful Keras models, trained with tf.distribute, exported, verified.",
 )
 
 

@@ -31,7 +31,7 @@ def register(name: str, *, task: str, paper: str):
     return wrap
 
 
-def list() -> builtins.list[str]:  # noqa: A001 - mirrors timm / keras-hub vocabulary
+def list() -> builtins.list[str]:
     """Sorted names of every registered model."""
     return sorted(_REGISTRY)
 
