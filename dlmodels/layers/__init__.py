@@ -3,3 +3,6 @@
 from dlmodels.layers.conv import NORMS, ConvNormAct, make_activation, make_norm
 
 __all__ = ["NORMS", "ConvNormAct", "make_activation", "make_norm"]
+from dlmodels.layers.residual import BottleneckBlock, ResidualBlock
+
+__all__ += ["BottleneckBlock", "ResidualBlock"]

@@ -4,3 +4,30 @@ from dlmodels.models.registry import entry, get, list, register
 from dlmodels.models.unet import UNet
 
 __all__ = ["UNet", "entry", "get", "list", "register"]
+from dlmodels.models.resnet import (
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    ResNet50V2,
+    ResNet101,
+    ResNet101V2,
+    ResNet152,
+    ResNet152V2,
+    feature_strides,
+    resnet_features,
+)
+
+__all__ += [
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet50V2",
+    "ResNet101",
+    "ResNet101V2",
+    "ResNet152",
+    "ResNet152V2",
+    "feature_strides",
+    "resnet_features",
+]
