@@ -7,6 +7,6 @@ int8 ONNX artifacts (`dlmodels.export`).
 
 __version__ = "0.1.0"
 
-from dlmodels import layers, models  # noqa: E402
+from dlmodels import layers, models
 
 __all__ = ["__version__", "layers", "models"]

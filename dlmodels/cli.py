@@ -62,12 +62,12 @@ def train_cmd(
         "artifacts/model.keras"
     ),
     model: Annotated[str, typer.Option(help="registry name (see `dlmodels models`)")] = "unet",
-    image_size: Annotated[str, typer.Option(help="HxW of the synthetic shapes")] = "96",
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    image_size: Annotated[str, typer.Option(help="HxW of the synthetic shapes")] = "64",
+    epochs: Annotated[int, typer.Option(min=1)] = 7,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     train_samples: Annotated[int, typer.Option(min=1)] = 2000,
     base_filters: Annotated[int, typer.Option(min=1)] = 16,
-    depth: Annotated[int, typer.Option(min=1)] = 4,
+    depth: Annotated[int, typer.Option(min=1)] = 3,
     strategy: Annotated[str, typer.Option(help="auto|default|one_device|mirrored|...")] = "auto",
     checkpoint_dir: Annotated[Path | None, typer.Option(help="resume from / save to")] = None,
     seed: int = 0,
@@ -142,7 +142,7 @@ def export_cmd(
 @app.command("demo")
 def demo_cmd(
     output_dir: Annotated[Path, typer.Option(help="where artifacts go")] = Path("artifacts"),
-    image_size: Annotated[str, typer.Option(help="HxW of the synthetic shapes")] = "96",
+    image_size: Annotated[str | None, typer.Option(help="HxW; default: the demo setting")] = None,
     epochs: Annotated[int | None, typer.Option(help="default: the tuned demo setting")] = None,
     train_samples: Annotated[int | None, typer.Option(min=8)] = None,
     seed: int = 0,
@@ -154,7 +154,7 @@ def demo_cmd(
 
     results = demo.run_demo(
         output_dir=output_dir,
-        image_size=_parse_size(image_size),
+        image_size=None if image_size is None else _parse_size(image_size),
         epochs=epochs,
         train_samples=train_samples,
         seed=seed,

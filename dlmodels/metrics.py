@@ -91,25 +91,40 @@ class MeanIoU(keras.metrics.Metric):
     """Streaming mean IoU over a data set, for integer labels and class scores.
 
     `y_pred` may be logits or probabilities `(B, ..., C)` (argmax is taken; the two agree) or
-    class ids shaped like `y_true`. The confusion matrix is a float64 variable (exact counts up
-    to 2**53 pixels) with SUM aggregation, so under tf.distribute each replica accumulates its
-    own and `result()` reads the sum. Classes absent from truth and prediction are excluded from
-    the mean, as in `keras.metrics.MeanIoU`.
+    class ids shaped like `y_true`. The confusion matrix is a variable with SUM aggregation, so
+    under tf.distribute each replica accumulates its own and `result()` reads the sum. Classes
+    absent from truth and prediction are excluded from the mean, as in `keras.metrics.MeanIoU`.
 
     Args:
         num_classes: number of classes C.
-        ignore_index: label value whose pixels are excluded, or None.
+        ignore_index: label value whose pixels are excluded, or None. Other labels outside
+            `[0, num_classes)` are dropped too (the numpy `confusion_matrix_iou` raises instead).
+        accumulator_dtype: "float64" (exact counts up to 2**53 pixels) or "float32" (for TPUs;
+            counts above 2**24 per cell round, a relative error below 1e-7).
         name, dtype: as in `keras.metrics.Metric`.
     """
 
-    def __init__(self, num_classes, ignore_index=None, name="mean_iou", dtype=None):
+    def __init__(
+        self,
+        num_classes,
+        ignore_index=None,
+        accumulator_dtype="float64",
+        name="mean_iou",
+        dtype=None,
+    ):
         super().__init__(name=name, dtype=dtype)
         self.num_classes = check_positive_int("num_classes", num_classes, owner="MeanIoU")
         self.ignore_index = _check_ignore_index(ignore_index, "MeanIoU")
+        if accumulator_dtype not in ("float32", "float64"):
+            raise ValueError(
+                f"MeanIoU: `accumulator_dtype`={accumulator_dtype!r} must be 'float64' (exact "
+                "counts) or 'float32' (TPUs, which have no float64)."
+            )
+        self.accumulator_dtype = accumulator_dtype
         self.total_cm = self.add_variable(
             shape=(self.num_classes, self.num_classes),
             initializer="zeros",
-            dtype="float64",
+            dtype=accumulator_dtype,
             name="total_confusion_matrix",
         )
 
@@ -118,34 +133,27 @@ class MeanIoU(keras.metrics.Metric):
         y_pred = ops.convert_to_tensor(y_pred)
         if len(y_pred.shape) == len(y_true.shape) + 1:
             y_pred = ops.argmax(y_pred, axis=-1)
+        c = self.num_classes
         y_true = ops.reshape(ops.cast(y_true, "int32"), (-1,))
         y_pred = ops.reshape(ops.cast(y_pred, "int32"), (-1,))
-        weights = (
-            ops.ones_like(y_true, dtype="float64")
-            if sample_weight is None
-            else ops.reshape(
-                ops.broadcast_to(ops.cast(sample_weight, "float64"), ops.shape(y_true)), (-1,)
-            )
-        )
+        # One-hot matmul instead of bincount: XLA/TPU friendly, and labels outside [0, C)
+        # (e.g. a void label 255) get all-zero rows, so they count nowhere. Per-batch float32
+        # sums are exact up to 2**24 pixels per cell.
+        truth = ops.one_hot(y_true, c, dtype="float32")
         if self.ignore_index is not None:
-            keep = ops.not_equal(y_true, self.ignore_index)
-            weights = ops.where(keep, weights, ops.zeros_like(weights))
-            # The ignored label may be out of range (e.g. 255): park it on a valid index, its
-            # weight is already zero.
-            y_true = ops.where(keep, y_true, ops.zeros_like(y_true))
-        c = self.num_classes
-        flat = y_true * c + y_pred
-        counts = ops.bincount(flat, weights=weights, minlength=c * c)
-        # Labels beyond the range would lengthen the bincount; keeping the first C*C entries
-        # drops them rather than failing inside a distributed step.
-        counts = ops.reshape(counts[: c * c], (c, c))
-        self.total_cm.assign(self.total_cm + ops.cast(counts, "float64"))
+            keep = ops.cast(ops.not_equal(y_true, self.ignore_index), "float32")
+            truth = truth * keep[:, None]
+        if sample_weight is not None:
+            weight = ops.broadcast_to(ops.cast(sample_weight, "float32"), ops.shape(y_true))
+            truth = truth * ops.reshape(weight, (-1, 1))
+        counts = ops.matmul(ops.transpose(truth), ops.one_hot(y_pred, c, dtype="float32"))
+        self.total_cm.assign(self.total_cm + ops.cast(counts, self.accumulator_dtype))
 
     def result(self):
-        cm = ops.cast(self.total_cm, "float64")
+        cm = self.total_cm
         tp = ops.diagonal(cm)
         union = ops.sum(cm, axis=0) + ops.sum(cm, axis=1) - tp
-        present = ops.cast(union > 0, "float64")
+        present = ops.cast(union > 0, cm.dtype)
         iou = ops.divide_no_nan(tp, union)
         miou = ops.divide_no_nan(ops.sum(iou * present), ops.sum(present))
         return ops.cast(miou, self.dtype)
@@ -158,4 +166,5 @@ class MeanIoU(keras.metrics.Metric):
             **super().get_config(),
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
+            "accumulator_dtype": self.accumulator_dtype,
         }

@@ -8,7 +8,7 @@ region to label it; the only colour constraint is a minimum contrast to the back
 labelled pixel is visible. Labels: 0 background, 1 circle, 2 rectangle, 3 triangle.
 
 Rasterisation is pure numpy (vectorised masks on a pixel-centre grid): 2,000 images of 96x96
-take about a second. Image `i` of a split depends only on (seed, split, i), so
+take about 2 s on one core. Image `i` of a split depends only on (seed, split, i), so
 `load("train", num_samples=100)` is the first 100 images of the default train split.
 
 Split sizes by default: train 2000, validation 200, test 200. The splits come from disjoint
@@ -36,20 +36,29 @@ def _check_image_size(image_size) -> tuple[int, int]:
     return normalize_tuple("image_size", image_size, 2, owner="shapes")
 
 
+def _centre(rng, extent, height, width):
+    """A centre keeping a shape of half-size `extent` inside the image, so its outline (the only
+    cue to its class) is visible; on images too small for that, anywhere."""
+    lo_y, lo_x = min(extent, height / 2), min(extent, width / 2)
+    return rng.uniform(lo_y, height - lo_y), rng.uniform(lo_x, width - lo_x)
+
+
 def _draw_shape(kind, rng, yy, xx, height, width):
     """Boolean mask of one shape of class `kind` (1 circle, 2 rectangle, 3 triangle)."""
     short = min(height, width)
-    cy, cx = rng.uniform(0, height), rng.uniform(0, width)
     if kind == 1:
-        r = rng.uniform(0.08, 0.22) * short
+        r = rng.uniform(0.1, 0.22) * short
+        cy, cx = _centre(rng, r, height, width)
         return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
     if kind == 2:
         # Aspect ratios stay within 1:3 so a rectangle never degenerates into a line.
-        h = rng.uniform(0.15, 0.4) * short
-        w = float(np.clip(h * rng.uniform(0.5, 2.0), 0.12 * short, 0.5 * short))
+        h = rng.uniform(0.18, 0.4) * short
+        w = float(np.clip(h * rng.uniform(0.5, 2.0), 0.15 * short, 0.5 * short))
+        cy, cx = _centre(rng, max(h, w) / 2, height, width)
         return (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
     # Triangle: three vertices around a centre with jittered angles, random rotation.
-    r = rng.uniform(0.14, 0.3) * short
+    r = rng.uniform(0.16, 0.3) * short
+    cy, cx = _centre(rng, r, height, width)
     base = rng.uniform(0, 2 * np.pi)
     angles = base + np.arange(3) * (2 * np.pi / 3) + rng.uniform(-0.35, 0.35, 3)
     vy, vx = cy + r * np.sin(angles), cx + r * np.cos(angles)
@@ -133,19 +142,23 @@ def generate(
         `(images, masks)`: float32 `(N, H, W, 3)` in [0, 1] and int32 `(N, H, W)` with values in
         `0..NUM_CLASSES-1`.
     """
-    return _generate_checked(num_samples, image_size, seed, _RAW_STREAM, max_shapes, min_shapes, noise)
+    return _generate_checked(
+        num_samples, image_size, seed, _RAW_STREAM, max_shapes, min_shapes, noise
+    )
 
 
 def _generate_checked(num_samples, image_size, seed, stream, max_shapes, min_shapes, noise):
     num_samples = check_positive_int("num_samples", num_samples, owner="shapes")
     image_size = _check_image_size(image_size)
     max_shapes = check_positive_int("max_shapes", max_shapes, owner="shapes")
-    if isinstance(min_shapes, bool) or not isinstance(min_shapes, int) or not (
-        0 <= min_shapes <= max_shapes
+    if (
+        isinstance(min_shapes, bool)
+        or not isinstance(min_shapes, int)
+        or not (0 <= min_shapes <= max_shapes)
     ):
         raise ValueError(
-            f"shapes: `min_shapes`={min_shapes!r} must be an integer in [0, max_shapes={max_shapes}]."
-            " Lower min_shapes or raise max_shapes."
+            f"shapes: `min_shapes`={min_shapes!r} must be an integer in "
+            f"[0, max_shapes={max_shapes}]. Lower min_shapes or raise max_shapes."
         )
     if not isinstance(noise, int | float) or noise < 0:
         raise ValueError(f"shapes: `noise`={noise!r} must be a number >= 0 (e.g. noise=0.05).")
@@ -170,14 +183,18 @@ def load(split: str, *, image_size=(96, 96), num_samples: int | None = None, see
     return _generate_checked(num_samples, image_size, seed, _SPLIT_STREAM[split], 4, 1, 0.05)
 
 
-def _flip(image, mask):
+def _flip(item, seeds):
     import tensorflow as tf
 
-    # The mask gets a channel axis so one flip op moves image and mask together.
-    both = tf.concat([image, tf.cast(mask[..., None], image.dtype)], axis=-1)
-    both = tf.image.random_flip_left_right(both)
-    both = tf.image.random_flip_up_down(both)
-    return both[..., :3], tf.cast(both[..., 3], tf.int32)
+    image, mask = item
+    # Stateless ops seeded per element: flips stay reproducible under a parallel map, where
+    # stateful random ops would be consumed in a nondeterministic order.
+    flip_lr, flip_ud = tf.unstack(tf.random.stateless_uniform([2], seed=seeds) < 0.5)
+    image = tf.where(flip_lr, image[:, ::-1], image)
+    mask = tf.where(flip_lr, mask[:, ::-1], mask)
+    image = tf.where(flip_ud, image[::-1], image)
+    mask = tf.where(flip_ud, mask[::-1], mask)
+    return image, mask
 
 
 def dataset(
@@ -222,7 +239,9 @@ def dataset(
     if repeat:
         ds = ds.repeat()
     if augment:
-        ds = ds.map(_flip, num_parallel_calls=tf.data.AUTOTUNE)
+        # A seeded stream of seed pairs, redrawn every epoch, deterministic for `seed`.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(_flip, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -7,6 +7,7 @@ into `MultiWorkerMirroredStrategy` without code changes.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -42,14 +43,24 @@ def _communication_options(timeout):
 
 def _tpu_strategy(tpu):
     """Connect to a TPU (Cloud TPU VM, Colab, GKE) and return a `TPUStrategy`."""
-    local_tpus = tf.config.list_logical_devices("TPU")
-    if tpu is None and not local_tpus and not os.environ.get("TPU_NAME"):
-        # Checked before TPUClusterResolver, which would otherwise probe the GCE metadata server.
+    # Decided from local evidence only: TPUClusterResolver without a name would otherwise probe
+    # the GCE metadata server, which hangs or fails obscurely off Google Cloud.
+    on_tpu_vm = bool(
+        glob.glob("/dev/accel*")
+        or glob.glob("/dev/vfio/[0-9]*")
+        or os.environ.get("TPU_ACCELERATOR_TYPE")
+        or tf.config.list_physical_devices("TPU")
+    )
+    remote = os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR")
+    if tpu is None and not (on_tpu_vm or remote):
         raise ValueError(
-            "resolve_strategy('tpu'): no TPU found (no local TPU devices, no TPU_NAME "
-            "environment variable, no `tpu=` argument). Pass tpu='<name or grpc://address>' or "
-            "run on a TPU VM; use 'auto' to fall back to GPU/CPU."
+            "resolve_strategy('tpu'): no TPU found (no TPU devices on this machine, no TPU_NAME "
+            "or COLAB_TPU_ADDR environment variable, no `tpu=` argument). Pass "
+            "tpu='<name or grpc://address>' or run on a TPU VM; use 'auto' to fall back to "
+            "GPU/CPU."
         )
+    if tpu is None and on_tpu_vm and not remote:
+        tpu = "local"
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
         tf.config.experimental_connect_to_cluster(resolver)
@@ -104,7 +115,9 @@ def resolve_strategy(
             raise ValueError("resolve_strategy: `devices` is empty; pass e.g. ['/cpu:0'].")
     if tpu is not None and name != "tpu":
         raise ValueError(f"resolve_strategy: `tpu`={tpu!r} applies to name='tpu' only.")
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical, not logical, devices: listing logical devices initialises the TF runtime, after
+    # which MultiWorkerMirroredStrategy can no longer configure its collectives.
+    gpus = tf.config.list_physical_devices("GPU")
 
     if name == "auto":
         if num_workers_from_tf_config() > 1:
