@@ -45,3 +45,14 @@ def normalize_tuple(name: str, value: Any, n: int, *, owner: str = "") -> tuple[
     for v in values:
         check_positive_int(name, v, owner=owner)
     return tuple(int(v) for v in values)
+
+
+def check_strides_dilation(strides: tuple, dilation_rate: tuple, *, owner: str = "") -> None:
+    """Keras convolutions cannot stride and dilate at once: raise a ValueError that says so."""
+    if max(strides) > 1 and max(dilation_rate) > 1:
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}`strides`={strides} and `dilation_rate`={dilation_rate} cannot both be > 1. "
+            "Allowed: strides > 1 with dilation_rate=1 (downsampling) or strides=1 with any "
+            "dilation_rate (atrous, size-preserving)."
+        )

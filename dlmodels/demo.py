@@ -287,17 +287,7 @@ def run_demo(*, output_dir="artifacts", image_size=None, epochs=None, train_samp
     if train_samples is not None:
         cfg["train_samples"] = train_samples
     console.print(f"[bold]dlmodels demo[/]: U-Net on synthetic shapes, config {cfg}")
-    result = train_segmentation(
-        image_size=cfg["image_size"],
-        epochs=cfg["epochs"],
-        batch_size=cfg["batch_size"],
-        train_samples=cfg["train_samples"],
-        base_filters=cfg["base_filters"],
-        depth=cfg["depth"],
-        upsampling=cfg["upsampling"],
-        learning_rate=cfg["learning_rate"],
-        seed=seed,
-    )
+    result = train_segmentation(**cfg, seed=seed)
     console.print(
         f"trained in {result.train_seconds:.0f} s; held-out test mIoU {result.test_miou:.4f} "
         f"(per class {', '.join(f'{v:.3f}' for v in result.per_class_iou)})"

@@ -1,8 +1,13 @@
 """Building blocks, each a serializable Keras layer registered under package "dlmodels"."""
 
 from dlmodels.layers.conv import NORMS, ConvNormAct, make_activation, make_norm
-
-__all__ = ["NORMS", "ConvNormAct", "make_activation", "make_norm"]
 from dlmodels.layers.residual import BottleneckBlock, ResidualBlock
 
-__all__ += ["BottleneckBlock", "ResidualBlock"]
+__all__ = [
+    "NORMS",
+    "BottleneckBlock",
+    "ConvNormAct",
+    "ResidualBlock",
+    "make_activation",
+    "make_norm",
+]

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import keras
 
-from dlmodels._validation import check_choice, check_positive_int, normalize_tuple
+from dlmodels._validation import (
+    check_choice,
+    check_positive_int,
+    check_strides_dilation,
+    normalize_tuple,
+)
 
 NORMS = ("batch", "sync_batch", "group", "layer", "instance", None)
 """Allowed values of every `norm` argument in the library (`"none"` is accepted for None)."""
@@ -190,11 +195,7 @@ class ConvNormAct(keras.layers.Layer):
         self.norm_groups = check_positive_int("norm_groups", norm_groups, owner=owner)
         self.norm_epsilon = float(norm_epsilon)
         self.norm_momentum = float(norm_momentum)
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ValueError(
-                f"{owner}: `strides`={self.strides} and `dilation_rate`={self.dilation_rate} "
-                "cannot both be > 1 (Keras Conv2D does not support it). Use one or the other."
-            )
+        check_strides_dilation(self.strides, self.dilation_rate, owner=owner)
         if self.filters % self.groups:
             raise ValueError(
                 f"{owner}: `groups`={self.groups} must divide `filters`={self.filters}."

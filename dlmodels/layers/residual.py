@@ -33,7 +33,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from dlmodels._validation import check_positive_int, normalize_tuple
+from dlmodels._validation import check_positive_int, check_strides_dilation, normalize_tuple
 from dlmodels.layers.conv import make_activation, make_norm, validate_activation, validate_norm
 
 
@@ -82,12 +82,7 @@ class _ResidualBase(keras.layers.Layer):
         self.filters = check_positive_int("filters", filters, owner=owner)
         self.strides = normalize_tuple("strides", strides, 2, owner=owner)
         self.dilation_rate = normalize_tuple("dilation_rate", dilation_rate, 2, owner=owner)
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ValueError(
-                f"{owner}: `strides`={self.strides} and `dilation_rate`={self.dilation_rate} "
-                "cannot both be > 1. Allowed: strides > 1 with dilation_rate=1 (downsampling) "
-                "or strides=1 with any dilation_rate (atrous, size-preserving)."
-            )
+        check_strides_dilation(self.strides, self.dilation_rate, owner=owner)
         self.preact = bool(preact)
         self.norm = validate_norm(norm, owner=owner)
         self.activation = validate_activation(activation, owner=owner)

@@ -1,9 +1,6 @@
 """Paper models and the registry: `dlmodels.models.get(name, **kw)`, `dlmodels.models.list()`."""
 
 from dlmodels.models.registry import entry, get, list, register
-from dlmodels.models.unet import UNet
-
-__all__ = ["UNet", "entry", "get", "list", "register"]
 from dlmodels.models.resnet import (
     ResNet,
     ResNet18,
@@ -17,8 +14,9 @@ from dlmodels.models.resnet import (
     feature_strides,
     resnet_features,
 )
+from dlmodels.models.unet import UNet
 
-__all__ += [
+__all__ = [
     "ResNet",
     "ResNet18",
     "ResNet34",
@@ -28,6 +26,11 @@ __all__ += [
     "ResNet101V2",
     "ResNet152",
     "ResNet152V2",
+    "UNet",
+    "entry",
     "feature_strides",
+    "get",
+    "list",
+    "register",
     "resnet_features",
 ]
