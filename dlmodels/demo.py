@@ -244,11 +244,21 @@ def export_and_verify(
     for row in rows:
         if row["format"] in ("keras", "saved_model"):
             row["passed"] = row["max_abs_error"] <= PARITY_ATOL
-    export.write_manifest(
-        output_dir / "manifest.json",
-        model=model,
-        artifacts=[r for r in rows if r["path"]],
-    )
+    extra_keys = ("artifact", "agreement", "passed", "p50_ms", "speedup_vs_keras")
+    entries = [
+        export.ArtifactEntry(
+            format=r["format"],
+            path=r["path"],
+            max_abs_error=r["max_abs_error"],
+            metric_before=keras_miou,
+            metric_after=r["miou"],
+            metric_name="miou",
+            extra={k: r[k] for k in extra_keys if k in r},
+        )
+        for r in rows
+        if r["path"]
+    ]
+    export.write_manifest(output_dir / "manifest.json", entries, model=model)
     return rows
 
 

@@ -57,3 +57,30 @@ def test_full_demo_meets_the_bar(tmp_path):
     assert checks["test mIoU >= 0.90"], results["test_miou"]
     assert checks["ONNX max abs error <= 0.0001"]
     assert checks["int8 mIoU within 1 point of fp32"]
+
+
+def test_train_then_export_commands(tmp_path):
+    model_path = tmp_path / "m.keras"
+    args = ["train", "--output", str(model_path), "--image-size", "32", "--epochs", "1"]
+    args += ["--train-samples", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert model_path.exists() and "test mIoU" in result.output
+    # A second train into the same path refuses to overwrite the first model.
+    again = runner.invoke(app, args)
+    assert again.exit_code != 0 and isinstance(again.exception, FileExistsError)
+    out = tmp_path / "export"
+    result = runner.invoke(
+        app, ["export", str(model_path), "--output-dir", str(out), "--formats", "onnx,int8"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "ONNX int8" in result.output
+    assert (out / "model.onnx").exists() and (out / "model.int8.onnx").exists()
+    assert [a["format"] for a in manifest["artifacts"]] == ["onnx", "int8"]
+    for artifact in manifest["artifacts"]:
+        assert artifact["metric"]["name"] == "miou"
+        assert 0.0 <= artifact["metric"]["keras"] <= 1.0  # the baseline before quantization
+    assert manifest["artifacts"][0]["parity"]["max_abs_error_vs_keras"] <= 1e-4
+    bad = runner.invoke(app, ["export", str(model_path), "--formats", "tflite"])
+    assert bad.exit_code != 0 and "unknown formats" in bad.output
