@@ -358,7 +358,7 @@ def run_bench(*, model_path=None, output, iters=50, seed=0):
         source = "untrained demo U-Net"
     else:
         model = keras.saving.load_model(model_path)
-        source = str(model_path)
+        source = f"{model.name} ({model.count_params():,} params) from {Path(model_path).name}"
     with tempfile.TemporaryDirectory() as tmp:
         rows = export_and_verify(
             model, tmp, formats=("onnx", "int8"), iters=iters, seed=seed, overwrite=True
