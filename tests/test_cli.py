@@ -84,3 +84,16 @@ def test_train_then_export_commands(tmp_path):
     assert manifest["artifacts"][0]["parity"]["max_abs_error_vs_keras"] <= 1e-4
     bad = runner.invoke(app, ["export", str(model_path), "--formats", "tflite"])
     assert bad.exit_code != 0 and "unknown formats" in bad.output
+
+
+def test_bench_command_writes_json_with_machine_info(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "--output", str(out), "--iters", "3"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    rows = {r["artifact"]: r for r in payload["results"]}
+    assert set(rows) == {"keras (TF)", "ONNX fp32", "ONNX int8"}
+    assert rows["ONNX fp32"]["max_abs_error"] <= 1e-4
+    assert rows["keras (TF)"]["speedup_vs_keras"] == 1.0
+    assert all(r["p50_ms"] > 0 for r in rows.values())
+    assert payload["machine"]["cores"] >= 1 and payload["machine"]["tensorflow"]
