@@ -110,12 +110,6 @@ def train_segmentation(
     return TrainResult(model, float(miou), [float(v) for v in per_class], seconds, history)
 
 
-def _file_size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def _saved_model_predictor(path, input_name):
     import tensorflow as tf
 
@@ -173,7 +167,7 @@ def export_and_verify(
     onnx_path = output_dir / "model.onnx"
     if "keras" in formats:
         path = export.to_keras(model, output_dir / "model.keras", overwrite=overwrite)
-        rows[0].update(path=str(path), size_bytes=_file_size(Path(path)))
+        rows[0].update(path=str(path), size_bytes=export.artifact_size(path))
     if "saved_model" in formats:
         path = export.to_saved_model(model, output_dir / "saved_model" / "1", overwrite=overwrite)
         predict = _saved_model_predictor(path, input_name)
@@ -185,7 +179,7 @@ def export_and_verify(
                 "artifact": "SavedModel",
                 "format": "saved_model",
                 "path": str(path),
-                "size_bytes": _file_size(Path(path)),
+                "size_bytes": export.artifact_size(path),
                 "max_abs_error": float(np.max(np.abs(out - keras_logits))),
                 "miou": segmentation_miou(test_masks, out),
             }
@@ -206,7 +200,7 @@ def export_and_verify(
                 "artifact": "ONNX fp32",
                 "format": "onnx",
                 "path": str(onnx_path),
-                "size_bytes": _file_size(onnx_path),
+                "size_bytes": export.artifact_size(onnx_path),
                 "max_abs_error": report.max_abs_error,
                 "miou": report.metric_onnx,
                 "passed": report.passed,
@@ -225,7 +219,7 @@ def export_and_verify(
                 "artifact": "ONNX int8",
                 "format": "int8",
                 "path": str(int8_path),
-                "size_bytes": _file_size(Path(int8_path)),
+                "size_bytes": export.artifact_size(int8_path),
                 "max_abs_error": report.max_abs_error,
                 "miou": report.metric_onnx,
                 "agreement": report.agreement,

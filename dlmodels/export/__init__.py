@@ -10,7 +10,7 @@ neither a partial file nor temp debris behind.
 """
 
 from dlmodels.export.keras_format import to_keras
-from dlmodels.export.manifest import ArtifactEntry, tool_versions, write_manifest
+from dlmodels.export.manifest import ArtifactEntry, artifact_size, tool_versions, write_manifest
 from dlmodels.export.onnx import DEFAULT_OPSET, UnsupportedOpError, onnx_io, to_onnx
 from dlmodels.export.quantize import ArrayCalibrationReader, quantize
 from dlmodels.export.saved_model import to_saved_model
@@ -23,6 +23,7 @@ __all__ = [
     "UnsupportedOpError",
     "VerificationError",
     "VerifyReport",
+    "artifact_size",
     "onnx_io",
     "onnx_predict",
     "quantize",

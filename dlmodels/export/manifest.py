@@ -34,7 +34,9 @@ def tool_versions() -> dict[str, str | None]:
     return versions
 
 
-def _size(path: Path) -> int:
+def artifact_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of an artifact: a file's size, or the sum over a directory (SavedModel)."""
+    path = Path(path)
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
@@ -170,7 +172,7 @@ def build_manifest(path: Path, entries: list[ArtifactEntry], model=None) -> dict
             {
                 "format": e.format,
                 "path": os.path.relpath(p.resolve(), root),
-                "size_bytes": _size(p),
+                "size_bytes": artifact_size(p),
                 **describe_io(p, e.format, model),
                 "parity": {"max_abs_error_vs_keras": e.max_abs_error},
                 "metric": {
