@@ -150,3 +150,134 @@ def test_mean_iou_accumulates_across_replicas():
         step(batch)
     expected, _ = metrics.confusion_matrix_iou(labels, logits, 3)
     assert float(m.result()) == pytest.approx(expected, abs=1e-6)
+
+
+# -- ignore index and class weights -------------------------------------------------------------
+
+VOID = 255
+
+
+@pytest.fixture
+def void_batch():
+    """Labels with about a third of the pixels void, and every example keeping some valid ones."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, (3, 5, 6))
+    labels[rng.uniform(size=labels.shape) < 0.35] = VOID
+    logits = rng.standard_normal((3, 5, 6, 4)).astype("float32") * 2
+    return labels, logits
+
+
+def _numpy_ce(labels, logits, ignore=None, weights=None):
+    """Per-example weighted cross-entropy over the kept pixels, by explicit loops."""
+    probs = _softmax(logits.astype(np.float64))
+    out = []
+    for lab, p in zip(labels, probs, strict=True):
+        lab, p = lab.reshape(-1), p.reshape(-1, p.shape[-1])
+        keep = lab != ignore if ignore is not None else np.ones(lab.shape, bool)
+        w = np.ones(keep.sum()) if weights is None else np.asarray(weights)[lab[keep]]
+        ce = -np.log(p[keep, lab[keep]])
+        out.append((w * ce).sum() / w.sum() if keep.any() else 0.0)
+    return np.array(out)
+
+
+def _numpy_dice_kept(labels, logits, ignore, smooth=1.0):
+    """Dice over the kept pixels only: the ignored ones are removed before any sum."""
+    probs = _softmax(logits.astype(np.float64))
+    c = probs.shape[-1]
+    out = []
+    for lab, p in zip(labels, probs, strict=True):
+        keep = lab.reshape(-1) != ignore
+        p_kept, lab_kept = p.reshape(-1, c)[keep], lab.reshape(-1)[keep]
+        one_hot = np.eye(c)[lab_kept]
+        inter, denom = (p_kept * one_hot).sum(0), p_kept.sum(0) + one_hot.sum(0)
+        out.append(1 - ((2 * inter + smooth) / (denom + smooth)).mean())
+    return np.array(out)
+
+
+def test_cross_entropy_without_ignore_equals_keras(batch):
+    labels, logits = batch
+    ours = losses.SparseCrossEntropy(reduction=None)(labels, logits)
+    ref = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    np.testing.assert_allclose(ours, np.mean(ref(labels, logits), axis=(1, 2)), rtol=1e-5)
+    probs = losses.SparseCrossEntropy(from_logits=False, reduction=None)(labels, _softmax(logits))
+    np.testing.assert_allclose(probs, ours, rtol=1e-4)
+
+
+def test_cross_entropy_ignores_void_pixels(void_batch):
+    labels, logits = void_batch
+    expected = _numpy_ce(labels, logits, ignore=VOID)
+    got = losses.SparseCrossEntropy(ignore_index=VOID, reduction=None)(labels, logits)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # Counting the void pixels (as class 0, or as zeros in the mean) gives another number.
+    zeros_counted = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=VOID, reduction=None
+    )(labels, logits)
+    assert np.abs(np.mean(zeros_counted, axis=(1, 2)) - expected).max() > 1e-2
+    weights = [0.5, 2.0, 1.0, 3.0]
+    weighted = losses.SparseCrossEntropy(ignore_index=VOID, class_weights=weights, reduction=None)
+    np.testing.assert_allclose(
+        weighted(labels, logits), _numpy_ce(labels, logits, VOID, weights), rtol=1e-5
+    )
+    # The default reduction is the mean of the per-example values (the global-batch average).
+    mean = losses.SparseCrossEntropy(ignore_index=VOID)(labels, logits)
+    assert float(mean) == pytest.approx(expected.mean(), rel=1e-5)
+
+
+def test_cross_entropy_classification_and_all_void_example():
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]], "float32")
+    labels = np.array([0, VOID, 2])
+    got = losses.SparseCrossEntropy(ignore_index=VOID, reduction=None)(labels, logits)
+    expected = _numpy_ce(labels[:, None], logits[:, None, :], ignore=VOID)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert float(got[1]) == 0.0  # nothing to learn from an all-void example, and no NaN
+
+
+def test_dice_ignores_void_pixels(void_batch):
+    labels, logits = void_batch
+    expected = _numpy_dice_kept(labels, logits, VOID)
+    got = losses.DiceLoss(from_logits=True, ignore_index=VOID, reduction=None)(labels, logits)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    unmasked = _numpy_dice(np.where(labels == VOID, 0, labels), _softmax(logits))
+    assert np.abs(unmasked - expected).max() > 1e-2  # the mask matters on this batch
+    combo = losses.DiceCrossEntropy(ce_weight=0.4, dice_weight=0.6, ignore_index=VOID)
+    np.testing.assert_allclose(
+        combo(labels, logits),
+        (0.4 * _numpy_ce(labels, logits, VOID) + 0.6 * expected).mean(),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        losses.SparseCrossEntropy(ignore_index=VOID, class_weights=[1, 2, 3, 4]),
+        losses.DiceLoss(from_logits=True, ignore_index=VOID),
+        losses.DiceCrossEntropy(ignore_index=VOID),
+    ],
+    ids=["ce", "dice", "dice_ce"],
+)
+def test_gradient_is_zero_exactly_at_void_pixels(void_batch, loss):
+    labels, logits = void_batch
+    x = tf.constant(logits)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = loss(tf.constant(labels), x)
+    grad = tape.gradient(value, x).numpy()
+    void = labels == VOID
+    assert np.all(grad[void] == 0.0)
+    assert np.all(np.abs(grad[~void]).sum(-1) > 0)  # every kept pixel is learned from
+
+
+def test_ignore_and_weights_serialize_and_validate():
+    loss = losses.get("dice_ce", ignore_index=VOID, class_weights=[1.0, 2.0])
+    restored = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert restored.get_config() == loss.get_config()
+    assert restored.ignore_index == VOID and restored.class_weights == [1.0, 2.0]
+    ce = losses.get("ce", ignore_index=0)
+    assert keras.losses.deserialize(keras.losses.serialize(ce)).get_config() == ce.get_config()
+    with pytest.raises(ValueError, match="ignore_index"):
+        losses.SparseCrossEntropy(ignore_index="void")
+    with pytest.raises(ValueError, match="class_weights"):
+        losses.SparseCrossEntropy(class_weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="ignore_index"):
+        losses.DiceLoss(ignore_index=2.5)
