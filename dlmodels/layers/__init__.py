@@ -1,12 +1,14 @@
 """Building blocks, each a serializable Keras layer registered under package "dlmodels"."""
 
 from dlmodels.layers.conv import NORMS, ConvNormAct, make_activation, make_norm
+from dlmodels.layers.features import FeatureTap
 from dlmodels.layers.residual import BottleneckBlock, ResidualBlock
 
 __all__ = [
     "NORMS",
     "BottleneckBlock",
     "ConvNormAct",
+    "FeatureTap",
     "ResidualBlock",
     "make_activation",
     "make_norm",

@@ -19,7 +19,9 @@ Both blocks also take the additions later ResNets use: dilation (Yu & Koltun 201
 2017, DeepLabv3), squeeze-and-excitation on the residual branch before the addition (Hu et al.
 2018, "Squeeze-and-Excitation Networks") and stochastic depth (Huang et al. 2016, "Deep Networks
 with Stochastic Depth") in its inverted form (the kept branch is scaled by 1/(1-p) in training,
-as in timm and the TF Model Garden, so inference is the plain block).
+as in timm and the TF Model Garden, so inference is the plain block). Its noise comes from a
+`keras.random.SeedGenerator`; under tf.distribute use dlmodels' Trainer, which gives each replica
+its own noise (with plain `model.fit` all replicas share a mask).
 
 Padding: a strided convolution with a kernel larger than 1 zero-pads (k-1)//2 on every side and
 then convolves "valid", the sampling grid of the papers' Caffe/Torch models, torchvision and
@@ -371,7 +373,11 @@ class ResidualBlock(_ResidualBase):
         norm_groups: groups of group norm.
         norm_epsilon, norm_momentum: normalization constants (momentum in the Keras sense).
         kernel_initializer, kernel_regularizer: of every convolution.
-        seed: seed of the stochastic-depth noise.
+        seed: seed of the stochastic-depth noise (a `keras.random.SeedGenerator`, whose state
+            is a replicated variable with aggregation "none"). Under tf.distribute use dlmodels'
+            Trainer, which folds the replica id into every seed generator's state at start so
+            each replica draws its own noise; with plain `model.fit` all replicas share a mask
+            (the same samples' branches are dropped on every replica).
 
     Returns:
         A tensor (batch, ceil(H / stride), ceil(W / stride), filters).

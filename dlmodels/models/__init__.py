@@ -1,5 +1,20 @@
-"""Paper models and the registry: `dlmodels.models.get(name, **kw)`, `dlmodels.models.list()`."""
+"""Paper models and the registry: `dlmodels.models.get(name, **kw)`, `dlmodels.models.list()`.
 
+Conventions every builder follows:
+
+- Output: models return **logits** unless asked otherwise (`classifier_activation=` of the
+  ResNets, `final_activation=` of the segmenters; both default to None). Pair them with
+  `from_logits=True` losses; `output_kind(model)` says what a model returns ("logits",
+  "softmax", "sigmoid" or "unknown"), for training code and export manifests. The output layer
+  computes in float32, also under a mixed precision policy.
+- Features: a backbone declares its multi-scale feature maps with
+  `dlmodels.layers.FeatureTap` layers ("C1" ... "C5", C_i of stride 2**i unless dilated);
+  decoders read them with `backbone_features(model)`, `feature_model(model, names)` and
+  `feature_strides(model)`, never by parsing layer names.
+"""
+
+from dlmodels.models.backbone import backbone_features, feature_model, feature_strides
+from dlmodels.models.outputs import output_kind
 from dlmodels.models.registry import entry, get, list, register
 from dlmodels.models.resnet import (
     ResNet,
@@ -11,7 +26,6 @@ from dlmodels.models.resnet import (
     ResNet101V2,
     ResNet152,
     ResNet152V2,
-    feature_strides,
     resnet_features,
 )
 from dlmodels.models.unet import UNet
@@ -27,10 +41,13 @@ __all__ = [
     "ResNet152",
     "ResNet152V2",
     "UNet",
+    "backbone_features",
     "entry",
+    "feature_model",
     "feature_strides",
     "get",
     "list",
+    "output_kind",
     "register",
     "resnet_features",
 ]

@@ -26,11 +26,20 @@ def _producing_layer(tensor):
     return None if history is None else history[0]
 
 
-_PASS_THROUGH = ("Identity", "Reshape", "Cropping2D", "UpSampling2D", "Resizing", "Permute")
+# FeatureTap: the identity layer backbones use to declare features (dlmodels.layers.features).
+_PASS_THROUGH = (
+    "Identity",
+    "FeatureTap",
+    "Reshape",
+    "Cropping2D",
+    "UpSampling2D",
+    "Resizing",
+    "Permute",
+)
 
 
 def tensor_kind(tensor) -> str:
-    """"logits", "softmax", "sigmoid" or "unknown" for a symbolic Keras tensor: the activation
+    """ "logits", "softmax", "sigmoid" or "unknown" for a symbolic Keras tensor: the activation
     of the layer that produced it, looking through shape-only layers (Reshape, resize, ...)."""
     layer = _producing_layer(tensor)
     for _ in range(16):

@@ -1,17 +1,22 @@
 """ResNet v1 (He et al. 2015, "Deep Residual Learning for Image Recognition", CVPR) and ResNet v2
 (He et al. 2016, "Identity Mappings in Deep Residual Networks", ECCV), with the dilated variants
 of DeepLabv3 (Chen et al. 2017, "Rethinking Atrous Convolution for Semantic Image Segmentation")
-and named multi-scale features for dense-prediction decoders.
+and declared multi-scale features for dense-prediction decoders.
 
-Layout (every variant):
+Layout (every variant; C1..C5 are `FeatureTap` layers, the backbone contract of
+`dlmodels.models.backbone`):
 
-    image -> stem_conv (7x7/2, 64) -> stem_pool (3x3/2 max)            stride 4
+    image -> stem_conv (7x7/2, 64) -> C1 stride 2
+          -> stem_pool (3x3/2 max)                                     stride 4
           -> stage2 (64)  -> C2   stride 4
           -> stage3 (128) -> C3   stride 8
           -> stage4 (256) -> C4   stride 16
           -> stage5 (512) -> C5   stride 32           (x4 channels for bottleneck blocks)
-          -> [post_norm, post_act]  (v2 only: the pre-activation stack ends un-normalized)
-          -> avg_pool -> predictions
+          -> [post_norm, post_act]  (v2 only: the pre-activation stack ends un-normalized;
+                                     C5 is tapped after them)
+          -> avg_pool -> predictions (logits by default)
+
+With `output_stride` 16 / 8 the strides of C4 / C5 become min(16 or 32, output_stride).
 
 Decisions, so ported weights and exported graphs behave like the references:
 - Stem padding: the 7x7/2 conv zero-pads 3 then convolves "valid"; the max pool zero-pads 1 then
@@ -24,6 +29,10 @@ Decisions, so ported weights and exported graphs behave like the references:
   stride placement defaults to the paper of each variant: v1 strides the first 1x1 conv (the
   authors' Caffe models, keras.applications ResNet50), v2 strides the 3x3 conv (the authors'
   Torch code, TF-slim); `stride_in_1x1=False` gives torchvision's "v1.5".
+- Output: logits (`classifier_activation=None`), the library's convention (see
+  `dlmodels.models.outputs`): losses take `from_logits=True`, and exported graphs carry no
+  softmax a server would have to undo. keras.applications defaults to "softmax"; pass
+  `classifier_activation="softmax"` for its behaviour.
 - Dilation (`output_stride` 16 / 8): every block of a stage whose stride is removed uses the
   stage's dilation rate (2 / 4), as DeepLabv3 and the TF Model Garden's dilated ResNet;
   `multigrid` multiplies the last stage's per-block rates.
@@ -41,6 +50,7 @@ from dlmodels.layers.conv import (
     validate_activation,
     validate_norm,
 )
+from dlmodels.layers.features import FeatureTap
 from dlmodels.layers.residual import BottleneckBlock, ResidualBlock
 from dlmodels.models.registry import register
 
@@ -54,10 +64,24 @@ _V1_PAPER = "He et al. 2015, Deep Residual Learning for Image Recognition (CVPR 
 _V2_PAPER = "He et al. 2016, Identity Mappings in Deep Residual Networks (ECCV 2016)"
 
 
-def feature_strides(output_stride: int = 32) -> dict[str, int]:
-    """Stride of each named feature of a ResNet with the given `output_stride` (8, 16 or 32)."""
+def feature_strides(output_stride: int = 32, *, include_c1: bool = False) -> dict[str, int]:
+    """Stride of C2..C5 (and C1 with `include_c1`) of a ResNet with the given `output_stride`.
+
+    The table a ResNet's `FeatureTap` layers declare; for a built model prefer
+    `dlmodels.models.feature_strides(model)`, which reads the taps.
+
+    Args:
+        output_stride: 8, 16 or 32.
+        include_c1: also return C1 (the stem conv output, stride 2).
+
+    Returns:
+        `{"C2": 4, "C3": 8, "C4": min(16, output_stride), "C5": min(32, output_stride)}`, with
+        `"C1": 2` first when `include_c1`.
+    """
     check_choice("output_stride", output_stride, OUTPUT_STRIDES, owner="feature_strides")
-    return {"C2": 4, "C3": 8, "C4": min(16, output_stride), "C5": min(32, output_stride)}
+    strides = {"C1": 2} if include_c1 else {}
+    strides.update({"C2": 4, "C3": 8, "C4": min(16, output_stride), "C5": min(32, output_stride)})
+    return strides
 
 
 def _stage_plan(stage_repeats, output_stride, multigrid):
@@ -87,7 +111,7 @@ def ResNet(
     pooling=None,
     input_shape=(224, 224, 3),
     input_tensor=None,
-    classifier_activation="softmax",
+    classifier_activation=None,
     output_stride=32,
     multigrid=None,
     norm="batch",
@@ -117,7 +141,8 @@ def ResNet(
             None means "avg" (as keras.applications); without it None returns the feature map.
         input_shape: (height, width, channels); height and width may be None.
         input_tensor: optional Keras tensor to use as the input instead of a new `keras.Input`.
-        classifier_activation: "softmax", None (logits) or another activation name.
+        classifier_activation: None (logits, the default and the library's convention),
+            "softmax" (probabilities, keras.applications' default) or another activation name.
         output_stride: 32 (classification), 16 or 8: strides replaced by dilation in the last
             stage (16) or the last two stages (8), DeepLabv3 (Chen et al. 2017).
         multigrid: None or per-block unit rates of stage 5 (one per block, e.g. (1, 2, 4)),
@@ -134,9 +159,12 @@ def ResNet(
         name: model name.
 
     Returns:
-        `keras.Model` with input "image" and output "predictions" (batch, num_classes),
-        the pooled features (batch, C) or the last feature map; float32 under mixed precision
-        when include_top.
+        `keras.Model` with input "image" and output "predictions" (batch, num_classes): logits
+        unless `classifier_activation` says otherwise (`dlmodels.models.output_kind` reads
+        which), float32 also under mixed precision. Without the top: the pooled features
+        (batch, C) or the last feature map. Every variant declares its features C1..C5 as
+        `FeatureTap` layers (strides 2, 4, 8, 16, 32, or lower with `output_stride`), read by
+        `dlmodels.models.feature_model` / `backbone_features` / `feature_strides`.
     """
     owner = name or "ResNet"
     block_cls = BLOCK_TYPES[check_choice("block_type", block_type, tuple(BLOCK_TYPES), owner=owner)]
@@ -210,6 +238,8 @@ def ResNet(
         kernel_regularizer=kernel_regularizer,
         name="stem_conv",
     )(x)
+    # C1 is the stem conv output before the pool: the stride-2 skip U-Net-style decoders need.
+    x = FeatureTap(2, name="C1")(x)
     x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
 
@@ -228,7 +258,10 @@ def ResNet(
     }
     if block_cls is BottleneckBlock:
         block_kwargs["stride_in_1x1"] = stride_in_1x1
+    strides = feature_strides(output_stride)
     for stage, filters, stride, rates in _stage_plan(stage_repeats, output_stride, multigrid):
+        if stage > 2:
+            x = FeatureTap(strides[f"C{stage - 1}"], name=f"C{stage - 1}")(x)
         for b, rate in enumerate(rates):
             index += 1
             x = block_cls(
@@ -246,6 +279,7 @@ def ResNet(
         post_act = make_activation(activation, name="post_act")
         if post_act is not None:
             x = post_act(x)
+    x = FeatureTap(strides["C5"], name="C5")(x)
 
     if include_top:
         if pooling == "max":
@@ -268,19 +302,11 @@ def ResNet(
     return keras.Model(inputs, x, name=name)
 
 
-def _stage_output_layers(model):
-    last = {}
-    for layer in model.layers:
-        parts = layer.name.split("_")
-        if len(parts) == 2 and parts[0].startswith("stage") and parts[1].startswith("block"):
-            stage, block = int(parts[0][5:]), int(parts[1][5:])
-            if block >= last.get(stage, (0, None))[0]:
-                last[stage] = (block, layer)
-    return last
-
-
-def resnet_features(model, *, name=None):
+def resnet_features(model, *, include_c1=False, name=None):
     """A functional model mapping the image of a ResNet to its named stage outputs.
+
+    Kept for existing callers; it is `feature_model(model, ["C2", "C3", "C4", "C5"])`, which
+    reads the model's `FeatureTap` layers (no layer-name parsing) and works for any backbone.
 
     Returns `keras.Model(image -> {"C2", "C3", "C4", "C5"})` sharing `model`'s layers (and
     weights): C2..C5 are the outputs of stages 2..5 (strides 4, 8, 16, 32, or lower with
@@ -290,25 +316,19 @@ def resnet_features(model, *, name=None):
 
     Args:
         model: a model built by `ResNet` / `ResNet50` / ... (with or without the top).
+        include_c1: also return C1, the stem conv output (stride 2).
         name: name of the new model (default: "<model name>_features").
     """
-    last = _stage_output_layers(model)
-    if sorted(last) != [2, 3, 4, 5]:
+    from dlmodels.models.backbone import feature_model
+
+    names = (["C1"] if include_c1 else []) + list(FEATURE_NAMES)
+    try:
+        return feature_model(model, names, name=name)
+    except ValueError as err:
         raise ValueError(
-            f"resnet_features: `model`={model.name!r} has no stage2..stage5 blocks named "
-            "'stage<S>_block<B>'; pass a model built by dlmodels.models.ResNet*."
-        )
-    outputs = {f"C{s}": last[s][1].output for s in (2, 3, 4)}
-    c5 = last[5][1].output
-    for layer_name in ("post_act", "post_norm"):
-        try:
-            c5 = model.get_layer(layer_name).output
-            break
-        except ValueError:
-            continue
-    outputs["C5"] = c5
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    return keras.Model(inputs, outputs, name=name or f"{model.name}_features")
+            f"resnet_features: `model`={getattr(model, 'name', model)!r} does not declare the "
+            f"features {names}; pass a model built by dlmodels.models.ResNet*. ({err})"
+        ) from None
 
 
 def _variant(name, block_type, repeats, preact, paper):
@@ -326,7 +346,9 @@ def _variant(name, block_type, repeats, preact, paper):
         "Keyword arguments as `ResNet` (include_top, num_classes, pooling, input_shape, "
         "input_tensor, classifier_activation, output_stride, multigrid, norm, activation, "
         "se_ratio, stochastic_depth_rate, stride_in_1x1, use_bias, ...).\n\n"
-        "Returns:\n    a functional `keras.Model` with input 'image'."
+        "Returns:\n    a functional `keras.Model` with input 'image' and output 'predictions' "
+        "(logits by default; classifier_activation='softmax' for probabilities), declaring "
+        "features C1..C5 (FeatureTap)."
     )
     return build
 
