@@ -1,20 +1,99 @@
-"""`dlmodels` command line: models, train, export, verify, bench, demo.
+"""`dlmodels` command line: models, train, export, verify, quantize, bench, demo.
 
 Heavy imports (TensorFlow, onnxruntime) happen inside the commands so `dlmodels --help` is fast.
+
+Errors: a user error (a bad path, format, size or option, an existing output, data that do not
+match the model) prints one plain line `error: ...` to stderr and exits with status 2, for every
+command, whatever the terminal width (no panel, no traceback). Anything else is a bug or an
+environment problem: one line `internal error: ...` and status 1; set DLMODELS_DEBUG=1 to get the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+USER_ERROR_EXIT = 2
+DEBUG_ENV = "DLMODELS_DEBUG"
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for: reported as one line, exit status 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # ValueError covers export's argument checks (UnsupportedOpError included); the OS errors
+    # are missing inputs and refused overwrites.
+    return (
+        UserError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(prefix: str, text: str, code: int):
+    sys.stderr.write(f"{prefix}: {_one_line(text)}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """The typer group of `dlmodels`, with errors reported as one plain line (see module doc)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as err:  # click's usage errors, BadParameter, ...
+            ctx = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+                sys.stdout.write(ctx.get_help() + "\n")
+                sys.exit(USER_ERROR_EXIT)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _fail("error", err.format_message() + hint, getattr(err, "exit_code", 1) or 1)
+        except typer.Abort:
+            _fail("error", "aborted", 1)
+        except KeyboardInterrupt:
+            _fail("error", "interrupted", 130)
+        except _user_error_types() as err:
+            if debug:
+                raise
+            text = str(err) or type(err).__name__
+            if isinstance(err, FileExistsError):  # the library's advice, in CLI terms
+                text = text.replace("pass overwrite=True", "pass --overwrite")
+            _fail("error", text, USER_ERROR_EXIT)
+        except Exception as err:
+            if debug:
+                raise
+            _fail(
+                "internal error",
+                f"{type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback)",
+                1,
+            )
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="dlmodels: paper-faithful Keras models, trained with tf.distribute, exported, verified.",
 )
 
@@ -44,7 +123,7 @@ def models_cmd():
     _console().print(table)
 
 
-def _parse_size(value: str) -> tuple[int, int]:
+def _parse_size(value: str, option: str = "--image-size") -> tuple[int, int]:
     try:
         parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
     except ValueError:
@@ -52,8 +131,49 @@ def _parse_size(value: str) -> tuple[int, int]:
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) < 1:
-        raise typer.BadParameter(f"--image-size must look like 96 or 96x128, got {value!r}")
+        raise typer.BadParameter(
+            f"{option} must look like 96 or 96x128, got {value!r}", param_hint=option
+        )
     return parts[0], parts[1]
+
+
+def _parse_formats(value: str | None, allowed) -> list[str]:
+    wanted = [f.strip() for f in (value or "").split(",") if f.strip()]
+    unknown = sorted(set(wanted) - set(allowed))
+    if unknown or not wanted:
+        raise typer.BadParameter(
+            f"unknown formats {unknown or '(none given)'}; choose from {', '.join(allowed)}",
+            param_hint="--formats",
+        )
+    return wanted
+
+
+def _existing_file(path: Path, what: str, param_hint: str) -> Path:
+    if not path.exists():
+        raise typer.BadParameter(f"{what} {path} does not exist", param_hint=param_hint)
+    return path
+
+
+def _load_model(path: Path):
+    import keras
+
+    import dlmodels.layers  # registers the custom layers a saved model refers to
+    import dlmodels.models  # noqa: F401
+
+    _existing_file(path, "model file", "MODEL_PATH")
+    if path.is_dir() or path.suffix != ".keras":
+        raise UserError(
+            f"MODEL_PATH {path} is not a .keras file; export takes a model saved with "
+            "model.save('model.keras') or `dlmodels train`."
+        )
+    try:
+        return keras.saving.load_model(str(path), safe_mode=True)
+    except Exception as err:
+        raise UserError(
+            f"cannot load {path} as a Keras model ({type(err).__name__}: "
+            f"{_one_line(err)[:300]}); "
+            "custom layers must be registered (keras.saving.register_keras_serializable)."
+        ) from err
 
 
 @app.command("train")
@@ -75,9 +195,11 @@ def train_cmd(
 ):
     """Train a segmentation model on the synthetic shapes data set and save it as .keras."""
     _quiet_tf()
-    from dlmodels import demo
+    from dlmodels import demo, export
+    from dlmodels.export._atomic import check_target
 
     size = _parse_size(image_size)
+    check_target(output, overwrite=overwrite)  # refuse before minutes of training
     result = demo.train_segmentation(
         model_name=model,
         image_size=size,
@@ -90,12 +212,92 @@ def train_cmd(
         checkpoint_dir=checkpoint_dir,
         seed=seed,
     )
-    from dlmodels import export
-
     export.to_keras(result.model, output, overwrite=overwrite)
     _console().print(
         f"test mIoU {result.test_miou:.4f} after {result.train_seconds:.0f} s; wrote {output}"
     )
+
+
+def _random_inputs(model, n: int, image_size, seed: int) -> dict:
+    """Inputs for parity checks when the user gave no data (never for calibration)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in model.inputs:
+        shape = list(t.shape)
+        shape[0] = n
+        dynamic = [i for i, d in enumerate(shape) if d is None]
+        if dynamic:
+            if image_size is None or len(shape) != 4 or dynamic != [1, 2]:
+                raise UserError(
+                    f"input {t.name!r} has dynamic dimensions {tuple(t.shape)}; give --data "
+                    "(or --image-size HxW for an image input of dynamic size)."
+                )
+            shape[1], shape[2] = image_size
+        if "int" in str(t.dtype):
+            out[t.name] = rng.integers(0, 2, shape).astype(str(t.dtype))
+        else:
+            out[t.name] = rng.uniform(0, 1, shape).astype(str(t.dtype))
+    return out
+
+
+def _task_metric(task, num_classes, labels):
+    """(metric_name, metric) for the model's task when labels were given, else (None, None)."""
+    import numpy as np
+
+    if labels is None or task is None:
+        return None, None
+    if task == "segmentation":
+        from dlmodels.metrics import confusion_matrix_iou
+
+        def miou(y, outputs):
+            logits = outputs[0] if isinstance(outputs, list) else outputs
+            return float(confusion_matrix_iou(y, np.argmax(logits, -1), num_classes)[0])
+
+        return "miou", miou
+
+    def accuracy(y, outputs):
+        scores = outputs[0] if isinstance(outputs, list) else outputs
+        y = np.asarray(y).reshape(len(scores), -1)[:, 0] if np.ndim(y) > 1 else np.asarray(y)
+        if scores.shape[-1] == 1:
+            pred = scores[:, 0] > (0.5 if scores.min() >= 0 and scores.max() <= 1 else 0.0)
+        else:
+            pred = np.argmax(scores, -1)
+        return float(np.mean(pred.astype(int) == y.astype(int)))
+
+    return "accuracy", accuracy
+
+
+def _split(inputs: dict, labels, calibration_samples: int, verify_samples: int):
+    """Calibration and verification samples from the user's data, disjoint when possible."""
+    n = len(next(iter(inputs.values())))
+    if n >= 4:
+        cut = min(calibration_samples, (n + 1) // 2)
+        calib = {k: v[:cut] for k, v in inputs.items()}
+        rest = slice(cut, cut + verify_samples)
+        check = {k: v[rest] for k, v in inputs.items()}
+        return calib, check, None if labels is None else labels[rest], True
+    calib = {k: v[:calibration_samples] for k, v in inputs.items()}
+    check = {k: v[:verify_samples] for k, v in inputs.items()}
+    return calib, check, None if labels is None else labels[:verify_samples], False
+
+
+def _print_report(report, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    metric = report.metric_name
+    for col in ("artifact", "size", "max |err| vs Keras", "agreement", metric or "metric", "ok"):
+        table.add_column(col, justify="left" if col == "artifact" else "right")
+    for r in report.rows():
+        size = "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 2**20:.2f} MiB"
+        err = "-" if r.get("max_abs_error") is None else f"{r['max_abs_error']:.2e}"
+        agreement = "-" if r.get("agreement") is None else f"{r['agreement']:.4f}"
+        value = "-" if r.get("metric") is None else f"{r['metric']:.4f}"
+        ok = "-" if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL")
+        table.add_row(r["artifact"], size, err, agreement, value, ok)
+    _console().print(table)
 
 
 @app.command("export")
@@ -104,39 +306,246 @@ def export_cmd(
     output_dir: Annotated[Path, typer.Option(help="directory for the artifacts")] = Path(
         "artifacts/export"
     ),
-    formats: Annotated[str, typer.Option(help="comma list of saved_model,onnx,int8")] = (
-        "saved_model,onnx,int8"
-    ),
-    opset: int = 17,
+    formats: Annotated[
+        str | None,
+        typer.Option(
+            help="comma list of keras,saved_model,onnx,int8; default: all four with --data, "
+            "all but int8 without"
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help=".npz (arrays named after the model inputs, or x; labels y), .npy, or a folder "
+            "of images; used for int8 calibration and verification"
+        ),
+    ] = None,
+    image_size: Annotated[
+        str | None, typer.Option(help="HxW for models whose input size is dynamic")
+    ] = None,
     calibration_samples: Annotated[int, typer.Option(min=1)] = 64,
+    verify_samples: Annotated[int, typer.Option(min=1)] = 64,
+    opset: Annotated[int, typer.Option(min=7, max=18)] = 17,
+    atol: Annotated[float, typer.Option(min=0.0, help="fp32 parity bar")] = 1e-4,
+    int8_max_metric_drop: Annotated[float, typer.Option(min=0.0)] = 0.01,
+    int8_min_agreement: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    reduce_range: Annotated[
+        str, typer.Option(help="auto (from this CPU's instruction set), on or off")
+    ] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     overwrite: bool = False,
+    seed: int = 0,
 ):
-    """Export a .keras segmentation model to SavedModel / ONNX / int8 ONNX, verify each, and
-    write manifest.json. Calibration and verification use synthetic shapes images."""
+    """Export a .keras model to .keras / SavedModel / ONNX / int8 ONNX, verify every artifact
+    against Keras and write manifest.json. Task (segmentation / classification), classes,
+    input shape and output kind are read from the model; calibration and verification data
+    come from --data (without it, parity is checked on random inputs and int8 is not made)."""
     _quiet_tf()
-    import keras
+    from dlmodels import export
 
-    from dlmodels import demo
-
-    if not model_path.exists():
-        raise typer.BadParameter(f"{model_path} does not exist", param_hint="MODEL_PATH")
-    wanted = [f.strip() for f in formats.split(",") if f.strip()]
-    unknown = sorted(set(wanted) - {"saved_model", "onnx", "int8"})
-    if unknown:
+    wanted = None if formats is None else _parse_formats(formats, export.FORMATS)
+    if data is not None:
+        _existing_file(data, "file", "--data")
+    if "int8" in (wanted or []) and data is None:
         raise typer.BadParameter(
-            f"unknown formats {unknown}; choose from saved_model, onnx, int8",
+            "int8 needs calibration data: pass --data DATA.npz|FOLDER, or drop int8",
             param_hint="--formats",
         )
-    model = keras.saving.load_model(model_path)
-    rows = demo.export_and_verify(
+    size = None if image_size is None else _parse_size(image_size)
+    reduce = {"auto": None, "on": True, "off": False}.get(reduce_range.lower(), "bad")
+    if reduce == "bad":
+        raise typer.BadParameter(
+            f"must be auto, on or off, got {reduce_range!r}", param_hint="--reduce-range"
+        )
+    model = _load_model(model_path)
+    task, num_classes = export.model_task(model)
+    names = [t.name for t in model.inputs]
+    # Plain lines, not rich: messages with paths must not be wrapped at the terminal width.
+    say = (lambda *a, **k: None) if json_output else typer.echo
+    if data is None:
+        wanted = wanted or ["keras", "saved_model", "onnx"]
+        calib = None
+        check = _random_inputs(model, min(verify_samples, 8), size, seed)
+        labels = None
+        say(
+            f"no --data: checking parity on {len(next(iter(check.values())))} random inputs "
+            "(no task metric; int8 needs --data)"
+        )
+    else:
+        from dlmodels.data.arrays import load_arrays
+
+        wanted = wanted or list(export.FORMATS)
+        inputs, all_labels = load_arrays(
+            data, names, input_shapes=[tuple(t.shape) for t in model.inputs], image_size=size
+        )
+        calib, check, labels, disjoint = _split(
+            inputs, all_labels, calibration_samples, verify_samples
+        )
+        n_cal, n_ver = (len(next(iter(d.values()))) for d in (calib, check))
+        say(
+            f"--data {data}: {n_cal} calibration and {n_ver} verification samples"
+            + ("" if disjoint else " (the same samples: fewer than 4 given)")
+            + ("" if labels is not None else "; no labels (y): parity only, no task metric")
+        )
+    metric_name, metric = _task_metric(task, num_classes, labels)
+    say(
+        f"{model.name}: task {task or 'unknown (parity only)'}"
+        + (f", {num_classes} classes" if num_classes else "")
+        + f", outputs {export.model_output_kinds(model)}"
+    )
+    report = export.write_repository(
         model,
         output_dir,
         formats=wanted,
+        samples=check,
+        labels=labels if metric is not None else None,
+        metric=metric,
+        metric_name=metric_name,
+        calibration=calib,
         opset=opset,
-        calibration_samples=calibration_samples,
+        atol=atol,
+        int8_max_metric_drop=int8_max_metric_drop,
+        int8_min_agreement=int8_min_agreement,
+        reduce_range=reduce,
         overwrite=overwrite,
     )
-    demo.print_table(rows, title=f"exported {model_path}")
+    if json_output:
+        sys.stdout.write(json.dumps(_report_json(report), default=str) + "\n")
+    else:
+        _print_report(report, title=f"exported {model_path}")
+        say(f"manifest: {report.manifest_path}")
+    if not report.passed:
+        _fail("verification failed", "; ".join(report.failures()), 1)
+
+
+def _report_json(report) -> dict:
+    return {
+        "passed": report.passed,
+        "manifest": str(report.manifest_path),
+        "task": report.task,
+        "num_classes": report.num_classes,
+        "metric_name": report.metric_name,
+        "keras_metric": report.keras_metric,
+        "rows": report.rows(),
+    }
+
+
+@app.command("verify")
+def verify_cmd(
+    model_path: Annotated[Path, typer.Argument(help="the source .keras model")],
+    onnx_path: Annotated[Path, typer.Argument(help="an exported .onnx file")],
+    data: Annotated[
+        Path | None, typer.Option(help=".npz / .npy / image folder; default: random inputs")
+    ] = None,
+    image_size: Annotated[str | None, typer.Option(help="HxW for dynamic-size models")] = None,
+    samples: Annotated[int, typer.Option(min=1)] = 16,
+    atol: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    seed: int = 0,
+):
+    """Run an ONNX file in a fresh onnxruntime process and compare it with the Keras model.
+    Exit status 1 when max |err| exceeds --atol."""
+    _quiet_tf()
+    import dataclasses
+
+    from dlmodels import export
+
+    _existing_file(onnx_path, "ONNX file", "ONNX_PATH")
+    size = None if image_size is None else _parse_size(image_size)
+    model = _load_model(model_path)
+    if data is None:
+        inputs = _random_inputs(model, samples, size, seed)
+    else:
+        from dlmodels.data.arrays import load_arrays
+
+        _existing_file(data, "file", "--data")
+        inputs, _ = load_arrays(
+            data,
+            [t.name for t in model.inputs],
+            input_shapes=[tuple(t.shape) for t in model.inputs],
+            image_size=size,
+            max_samples=samples,
+        )
+    inputs = export.sample_dict(model, inputs)
+    report = export.verify(model, onnx_path, inputs, atol=atol)
+    if json_output:
+        sys.stdout.write(json.dumps(dataclasses.asdict(report), default=str) + "\n")
+    else:
+        sys.stdout.write(f"{report}\n")
+    if not report.passed:
+        raise typer.Exit(code=1)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    onnx_path: Annotated[Path, typer.Argument(help="an fp32 .onnx file (from dlmodels export)")],
+    output: Annotated[Path, typer.Argument(help="the quantized .onnx file to write")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help=".npz / .npy / image folder of calibration inputs (static mode)"),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="static (CNNs), dynamic (LSTM/Dense) or fp16")] = (
+        "static"
+    ),
+    per_channel: bool = True,
+    reduce_range: Annotated[
+        str, typer.Option(help="auto (from this CPU's instruction set), on or off")
+    ] = "auto",
+    calibration_samples: Annotated[int, typer.Option(min=1)] = 256,
+    image_size: Annotated[str | None, typer.Option(help="HxW for dynamic-size inputs")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the settings as JSON")] = False,
+    overwrite: bool = False,
+):
+    """Quantize an ONNX file (static int8 QDQ with calibration data, dynamic int8, or fp16) and
+    print the settings used (reduce_range, calibration samples, ...)."""
+    _quiet_tf()
+    from dlmodels import export
+
+    _existing_file(onnx_path, "ONNX file", "ONNX_PATH")
+    if mode not in ("static", "dynamic", "fp16"):
+        raise typer.BadParameter(
+            f"must be static, dynamic or fp16, got {mode!r}", param_hint="--mode"
+        )
+    reduce = {"auto": None, "on": True, "off": False}.get(reduce_range.lower(), "bad")
+    if reduce == "bad":
+        raise typer.BadParameter(
+            f"must be auto, on or off, got {reduce_range!r}", param_hint="--reduce-range"
+        )
+    calibration = None
+    if mode == "static":
+        if data is None:
+            raise typer.BadParameter(
+                "static quantization needs calibration data: pass --data DATA.npz|FOLDER "
+                "(or use --mode dynamic)",
+                param_hint="--data",
+            )
+        _existing_file(data, "file", "--data")
+        from dlmodels.data.arrays import load_arrays
+
+        io = export.onnx_io(onnx_path)
+        shapes = [[d if isinstance(d, int) else None for d in i["shape"]] for i in io["inputs"]]
+        calibration, _ = load_arrays(
+            data,
+            [i["name"] for i in io["inputs"]],
+            input_shapes=shapes,
+            image_size=None if image_size is None else _parse_size(image_size),
+            max_samples=calibration_samples,
+        )
+    report = export.quantize_with_report(
+        onnx_path,
+        output,
+        calibration=calibration,
+        mode=mode,
+        per_channel=per_channel,
+        reduce_range=reduce,
+        max_calibration_samples=calibration_samples,
+        overwrite=overwrite,
+    )
+    settings = {"path": str(report.path), **report.settings()}
+    if json_output:
+        sys.stdout.write(json.dumps(settings) + "\n")
+    else:
+        typer.echo(" ".join(f"{k}={v}" for k, v in settings.items()))
 
 
 @app.command("demo")
@@ -150,11 +559,12 @@ def demo_cmd(
     """Train a U-Net on synthetic shapes, export .keras / SavedModel / ONNX / int8 ONNX, verify
     every artifact against Keras and print size, parity, mIoU and batch-1 latency side by side."""
     _quiet_tf()
+    size = None if image_size is None else _parse_size(image_size)
     from dlmodels import demo
 
     results = demo.run_demo(
         output_dir=output_dir,
-        image_size=None if image_size is None else _parse_size(image_size),
+        image_size=size,
         epochs=epochs,
         train_samples=train_samples,
         seed=seed,
@@ -172,17 +582,24 @@ def bench_cmd(
         "benchmarks/results/unet_latency.json"
     ),
     iters: Annotated[int, typer.Option(min=1)] = 50,
+    json_output: Annotated[bool, typer.Option("--json", help="print only the JSON")] = False,
 ):
     """Batch-1 latency of Keras/TF, ONNX fp32 and int8 measured side by side; writes JSON."""
     _quiet_tf()
+    if model_path is not None:
+        _existing_file(model_path, "model file", "MODEL_PATH")
     from dlmodels import demo
 
     payload = demo.run_bench(model_path=model_path, output=output, iters=iters)
-    _console().print_json(json.dumps(payload["results"]))
+    if json_output:
+        sys.stdout.write(json.dumps(payload["results"], default=str) + "\n")
+    else:
+        _console().print_json(json.dumps(payload["results"], default=str))
 
 
-def main():  # console_scripts entry point
-    app()
+def main(argv: list[str] | None = None):
+    """console_scripts entry point (`dlmodels`)."""
+    app(args=argv, prog_name="dlmodels")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ DEMO_CONFIG = {
     "train_samples": 2000,
     "learning_rate": 3e-3,
 }
-NUM_CLASSES = 4
+NUM_CLASSES = 4  # the shapes data set's classes (background + 3 shapes)
 PARITY_ATOL = 1e-4
 INT8_MIOU_DROP = 0.01
 
@@ -40,12 +40,12 @@ class TrainResult:
     history: dict
 
 
-def segmentation_miou(labels, outputs):
-    """mIoU of argmax(outputs) against integer labels over the shapes classes."""
+def segmentation_miou(labels, outputs, num_classes=NUM_CLASSES):
+    """mIoU of argmax(outputs) against integer labels (default: the shapes classes)."""
     from dlmodels.metrics import confusion_matrix_iou
 
     logits = outputs[0] if isinstance(outputs, list | tuple) else outputs
-    miou, _ = confusion_matrix_iou(labels, np.argmax(logits, axis=-1), NUM_CLASSES)
+    miou, _ = confusion_matrix_iou(labels, np.argmax(logits, axis=-1), num_classes)
     return float(miou)
 
 
@@ -64,8 +64,12 @@ def train_segmentation(
     checkpoint_dir=None,
     seed=0,
     progress=True,
+    num_classes=None,
 ) -> TrainResult:
-    """Train a registry segmentation model on synthetic shapes; report test-split mIoU."""
+    """Train a registry segmentation model on synthetic shapes; report test-split mIoU.
+
+    `num_classes` defaults to the shapes data set's class count (`shapes.NUM_CLASSES`).
+    """
     import keras
 
     import dlmodels.models as registry
@@ -73,6 +77,7 @@ def train_segmentation(
     from dlmodels.training import Trainer, resolve_strategy
 
     keras.utils.set_random_seed(seed)
+    num_classes = shapes.NUM_CLASSES if num_classes is None else int(num_classes)
     strat = resolve_strategy(strategy)
     train_ds = shapes.dataset(
         "train",
@@ -84,7 +89,7 @@ def train_segmentation(
     )
     val_ds = shapes.dataset("validation", batch_size=batch_size, image_size=image_size, seed=seed)
     with strat.scope():
-        kwargs = {"input_shape": (*image_size, 3), "num_classes": NUM_CLASSES}
+        kwargs = {"input_shape": (*image_size, 3), "num_classes": num_classes}
         if model_name == "unet":
             kwargs.update(depth=depth, base_filters=base_filters, upsampling=upsampling)
         model = registry.get(model_name, **kwargs)
@@ -106,19 +111,8 @@ def train_segmentation(
     logits = model.predict(images, batch_size=32, verbose=0)
     from dlmodels.metrics import confusion_matrix_iou
 
-    miou, per_class = confusion_matrix_iou(masks, np.argmax(logits, -1), NUM_CLASSES)
+    miou, per_class = confusion_matrix_iou(masks, np.argmax(logits, -1), num_classes)
     return TrainResult(model, float(miou), [float(v) for v in per_class], seconds, history)
-
-
-def _saved_model_predictor(path, input_name):
-    import tensorflow as tf
-
-    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
-
-    def predict(x):
-        return next(iter(fn(**{input_name: tf.constant(x)}).values())).numpy()
-
-    return predict
 
 
 def export_and_verify(
@@ -131,132 +125,52 @@ def export_and_verify(
     test_images=None,
     test_masks=None,
     overwrite=True,
+    benchmark=True,
     iters=30,
     seed=0,
 ):
-    """Write each artifact, verify it against Keras, measure batch-1 latency side by side.
+    """The demo's export: `dlmodels.export.write_repository` fed with synthetic shapes.
 
-    Returns a list of row dicts (artifact, path, size_bytes, max_abs_error, miou, p50_ms, ...).
+    Calibration uses train-split images, verification and mIoU the held-out test split.
+
+    Returns:
+        The RepositoryReport (`report.rows()` gives the table rows).
     """
-    from dlmodels import bench, export
+    from dlmodels import export
     from dlmodels.data import shapes
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     image_size = tuple(model.input_shape[1:3])
     if test_images is None:
         test_images, test_masks = shapes.load("test", image_size=image_size, seed=seed)
     calib, _ = shapes.load(
         "train", image_size=image_size, num_samples=calibration_samples, seed=seed
     )
-    input_name = model.inputs[0].name
-    keras_logits = model.predict(test_images, batch_size=32, verbose=0)
-    keras_miou = segmentation_miou(test_masks, keras_logits)
+    num_classes = int(model.outputs[0].shape[-1])
+    segments = len(model.outputs[0].shape) == 4
 
-    rows = [
-        {
-            "artifact": "keras (TF)",
-            "format": "keras",
-            "path": None,
-            "size_bytes": None,
-            "max_abs_error": 0.0,
-            "miou": keras_miou,
-        }
-    ]
-    predictors = {"keras (TF)": bench.keras_predictor(model)}
-    onnx_path = output_dir / "model.onnx"
-    if "keras" in formats:
-        path = export.to_keras(model, output_dir / "model.keras", overwrite=overwrite)
-        rows[0].update(path=str(path), size_bytes=export.artifact_size(path))
-    if "saved_model" in formats:
-        path = export.to_saved_model(model, output_dir / "saved_model" / "1", overwrite=overwrite)
-        predict = _saved_model_predictor(path, input_name)
-        out = np.concatenate(
-            [predict(test_images[i : i + 32]) for i in range(0, len(test_images), 32)]
-        )
-        rows.append(
-            {
-                "artifact": "SavedModel",
-                "format": "saved_model",
-                "path": str(path),
-                "size_bytes": export.artifact_size(path),
-                "max_abs_error": float(np.max(np.abs(out - keras_logits))),
-                "miou": segmentation_miou(test_masks, out),
-            }
-        )
-        predictors["SavedModel"] = predict
-    if "onnx" in formats or "int8" in formats:
-        export.to_onnx(model, onnx_path, opset=opset, overwrite=overwrite)
-        report = export.verify(
-            model,
-            onnx_path,
-            test_images,
-            labels=test_masks,
-            metric=segmentation_miou,
-            atol=PARITY_ATOL,
-        )
-        rows.append(
-            {
-                "artifact": "ONNX fp32",
-                "format": "onnx",
-                "path": str(onnx_path),
-                "size_bytes": export.artifact_size(onnx_path),
-                "max_abs_error": report.max_abs_error,
-                "miou": report.metric_onnx,
-                "passed": report.passed,
-            }
-        )
-        predictors["ONNX fp32"] = bench.ort_predictor(onnx_path)
-    if "int8" in formats:
-        int8_path = export.quantize(
-            onnx_path, output_dir / "model.int8.onnx", calibration=calib, overwrite=overwrite
-        )
-        report = export.verify(
-            model, int8_path, test_images, labels=test_masks, metric=segmentation_miou, atol=np.inf
-        )
-        rows.append(
-            {
-                "artifact": "ONNX int8",
-                "format": "int8",
-                "path": str(int8_path),
-                "size_bytes": export.artifact_size(int8_path),
-                "max_abs_error": report.max_abs_error,
-                "miou": report.metric_onnx,
-                "agreement": report.agreement,
-                "passed": report.metric_onnx >= keras_miou - INT8_MIOU_DROP,
-            }
-        )
-        predictors["ONNX int8"] = bench.ort_predictor(int8_path)
+    def miou(labels, outputs):
+        return segmentation_miou(labels, outputs, num_classes=num_classes)
 
-    timings = bench.compare_predictors(predictors, test_images[:1], iters=iters)
-    base = timings["keras (TF)"]["p50_ms"]
-    for row in rows:
-        t = timings.get(row["artifact"])
-        if t is not None:
-            row["p50_ms"] = t["p50_ms"]
-            row["speedup_vs_keras"] = base / t["p50_ms"]
-    for row in rows:
-        if row["format"] in ("keras", "saved_model"):
-            row["passed"] = row["max_abs_error"] <= PARITY_ATOL
-    extra_keys = ("artifact", "agreement", "passed", "p50_ms", "speedup_vs_keras")
-    entries = [
-        export.ArtifactEntry(
-            format=r["format"],
-            path=r["path"],
-            max_abs_error=r["max_abs_error"],
-            metric_before=keras_miou,
-            metric_after=r["miou"],
-            metric_name="miou",
-            extra={k: r[k] for k in extra_keys if k in r},
-        )
-        for r in rows
-        if r["path"]
-    ]
-    export.write_manifest(output_dir / "manifest.json", entries, model=model)
-    return rows
+    return export.write_repository(
+        model,
+        output_dir,
+        formats=formats,
+        samples=test_images,
+        labels=test_masks if segments else None,
+        metric=miou if segments else None,
+        metric_name="miou",
+        calibration=calib,
+        opset=opset,
+        atol=PARITY_ATOL,
+        int8_max_metric_drop=INT8_MIOU_DROP,
+        overwrite=overwrite,
+        benchmark=benchmark,
+        bench_iters=iters,
+    )
 
 
 def print_table(rows, title="dlmodels demo"):
+    """Print report rows (`RepositoryReport.rows()`): size, parity, mIoU, batch-1 latency."""
     from rich.console import Console
     from rich.table import Table
 
@@ -265,13 +179,15 @@ def print_table(rows, title="dlmodels demo"):
         table.add_column(col, justify="left" if col == "artifact" else "right")
     for r in rows:
         size = "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 2**20:.2f} MiB"
+        err = r.get("max_abs_error")
+        speedup = r.get("speedup_vs_keras")
         table.add_row(
             r["artifact"],
             size,
-            f"{r['max_abs_error']:.2e}",
+            "reference" if err is None else f"{err:.2e}",
             f"{r['miou']:.4f}" if r.get("miou") is not None else "-",
-            f"{r['p50_ms']:.2f} ms" if "p50_ms" in r else "-",
-            f"{r['speedup_vs_keras']:.2f}x" if "speedup_vs_keras" in r else "-",
+            f"{r['p50_ms']:.2f} ms" if r.get("p50_ms") is not None else "-",
+            f"{speedup:.2f}x" if speedup is not None else "-",
         )
     Console().print(table)
 
@@ -296,12 +212,17 @@ def run_demo(*, output_dir="artifacts", image_size=None, epochs=None, train_samp
         f"trained in {result.train_seconds:.0f} s; held-out test mIoU {result.test_miou:.4f} "
         f"(per class {', '.join(f'{v:.3f}' for v in result.per_class_iou)})"
     )
-    rows = export_and_verify(result.model, output_dir, seed=seed)
+    report = export_and_verify(result.model, output_dir, seed=seed)
+    rows = report.rows()
     print_table(rows)
+    fp32 = [r for r in rows if r["format"] in ("keras", "saved_model")]
     checks = {
         "test mIoU >= 0.90": result.test_miou >= 0.90,
         f"ONNX max abs error <= {PARITY_ATOL:g}": all(
             r["max_abs_error"] <= PARITY_ATOL for r in rows if r["format"] == "onnx"
+        ),
+        f"reloaded .keras and SavedModel max abs error <= {PARITY_ATOL:g}": all(
+            r["max_abs_error"] <= PARITY_ATOL for r in fp32
         ),
         "int8 mIoU within 1 point of fp32": all(r["passed"] for r in rows if r["format"] == "int8"),
         "int8 faster than ONNX fp32": _faster(rows, "ONNX int8", "ONNX fp32"),
@@ -314,6 +235,7 @@ def run_demo(*, output_dir="artifacts", image_size=None, epochs=None, train_samp
         "test_miou": result.test_miou,
         "per_class_iou": result.per_class_iou,
         "rows": rows,
+        "manifest": str(report.manifest_path),
         "checks": checks,
         "passed": all(checks.values()),
         "machine": bench.machine_info(),
@@ -331,7 +253,11 @@ def _faster(rows, a, b):
 
 
 def run_bench(*, model_path=None, output, iters=50, seed=0):
-    """Benchmark a .keras model (or an untrained demo U-Net): Keras/TF vs ONNX fp32 vs int8."""
+    """Benchmark a .keras model (or an untrained demo U-Net): Keras/TF vs ONNX fp32 vs int8.
+
+    Inputs are synthetic shapes images at the model's input size (3-channel image models);
+    mIoU is reported only for 4-class models (the shapes classes).
+    """
     import tempfile
 
     import keras
@@ -351,20 +277,30 @@ def run_bench(*, model_path=None, output, iters=50, seed=0):
         )
         source = "untrained demo U-Net"
     else:
-        model = keras.saving.load_model(model_path)
+        model = keras.saving.load_model(model_path, safe_mode=True)
         source = f"{model.name} ({model.count_params():,} params) from {Path(model_path).name}"
+    shape = tuple(model.inputs[0].shape)
+    if len(model.inputs) != 1 or len(shape) != 4 or shape[3] != 3 or None in shape[1:3]:
+        raise ValueError(
+            f"bench measures single-input image models of fixed size (batch, H, W, 3); "
+            f"{model.name!r} has inputs {[tuple(t.shape) for t in model.inputs]}. Use "
+            "dlmodels.bench.compare from Python for other models."
+        )
+    is_shapes = int(model.outputs[0].shape[-1]) == NUM_CLASSES and len(model.outputs) == 1
     with tempfile.TemporaryDirectory() as tmp:
-        rows = export_and_verify(
+        report = export_and_verify(
             model, tmp, formats=("onnx", "int8"), iters=iters, seed=seed, overwrite=True
         )
+    rows = report.rows()
     payload = {
         "benchmark": "batch-1 latency, Keras/TF tf.function vs onnxruntime fp32 vs int8",
         "model": source,
         "results": [
             {
                 k: r.get(k)
-                for k in ("artifact", "p50_ms", "speedup_vs_keras", "max_abs_error", "miou")
+                for k in ("artifact", "p50_ms", "speedup_vs_keras", "max_abs_error", "agreement")
             }
+            | ({"miou": r.get("miou")} if is_shapes else {})
             for r in rows
         ],
     }

@@ -1,7 +1,12 @@
 """The CLI and the end-to-end slice: train -> export -> verify -> benchmark."""
 
 import json
+import os
+import subprocess
+import sys
 
+import keras
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -18,16 +23,231 @@ def test_models_lists_registry():
     assert "Ronneberger" in result.output
 
 
-def test_bad_image_size_is_rejected_before_work():
-    result = runner.invoke(app, ["demo", "--image-size", "96x"])
-    assert result.exit_code != 0
-    assert "--image-size" in result.output
+# -- user errors: one plain line on stderr, exit 2, whatever the terminal and the path -----------
 
 
-def test_export_missing_model_path(tmp_path):
-    result = runner.invoke(app, ["export", str(tmp_path / "nope.keras")])
-    assert result.exit_code != 0
-    assert "does not exist" in result.output
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory):
+    """A 21-class U-Net (depth 2, 4 filters, 32x32) saved as .keras, plus matching data."""
+    import dlmodels.models as registry
+
+    keras.utils.set_random_seed(0)
+    model = registry.get(
+        "unet", input_shape=(32, 32, 3), num_classes=21, depth=2, base_filters=4,
+        upsampling="bilinear",
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("unet21")
+    path = root / "unet21.keras"
+    model.save(path)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (16, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 21, (16, 32, 32)).astype("int32")
+    np.savez(root / "data.npz", x=x, y=y)
+    return path, root / "data.npz"
+
+
+def _long_dir(tmp_path):
+    d = tmp_path / ("a_rather_long_directory_name_" * 4) / ("and_another_level_" * 4)
+    d.mkdir(parents=True)
+    return d
+
+
+def _error_cases(tmp_path, model_file, data_file):
+    d = _long_dir(tmp_path)
+    existing = d / "out"
+    existing.mkdir()
+    (existing / "manifest.json").write_text("{}")
+    np.savez(d / "wrong.npz", x=np.zeros((4, 8, 8, 3), "float32"))
+    (d / "taken.keras").write_bytes(b"x")
+    m, dne, exists = str(model_file), "does not exist", "already exists"
+    nope, none, onnx, taken = (
+        str(d / n) for n in ("nope.keras", "none.npz", "m.onnx", "taken.keras")
+    )
+    return {
+        "missing model": (["export", nope], [nope, dne]),
+        "unknown format": (["export", m, "--formats", "tflite"], ["unknown formats", "tflite"]),
+        "bad size": (["demo", "--image-size", "96x"], ["--image-size", "96x"]),
+        "int8 without data": (["export", m, "--formats", "int8"], ["int8 needs calibration"]),
+        "missing data": (["export", m, "--data", none], [none, dne]),
+        "existing output": (
+            ["export", m, "--output-dir", str(existing), "--data", str(data_file)],
+            [str(existing / "manifest.json"), exists],
+        ),
+        "data not matching the model": (
+            ["export", m, "--output-dir", str(d / "o2"), "--data", str(d / "wrong.npz")],
+            ["input 'image'", "8, 8, 3)", "(None, 32, 32, 3)"],
+        ),
+        "train onto an existing model": (["train", "--output", taken], [taken, exists]),
+        "verify a missing onnx": (["verify", m, onnx], [onnx, dne]),
+    }
+
+
+CASES = [
+    "missing model",
+    "unknown format",
+    "bad size",
+    "int8 without data",
+    "missing data",
+    "existing output",
+    "data not matching the model",
+    "train onto an existing model",
+    "verify a missing onnx",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_are_one_line_and_exit_2(case, tmp_path, tiny_model_file):
+    """COLUMNS=40 and a ~200 character path: a wrapped panel would split the message."""
+    args, expected = _error_cases(tmp_path, *tiny_model_file)[case]
+    result = runner.invoke(app, args, env={"COLUMNS": "40", "TERM": "dumb"})
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    for junk in ("Traceback", "╭", "│", "Usage:"):
+        assert junk not in result.output
+
+
+def test_console_script_reports_one_line(tmp_path):
+    """The real entry point (not CliRunner): a subprocess in a 40-column terminal."""
+    env = {**os.environ, "COLUMNS": "40"}
+    code = "from dlmodels.cli import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "demo", "--image-size", "0x" + "9" * 60],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert "0x" + "9" * 60 in proc.stderr
+
+
+# -- export of models the demo never saw --------------------------------------------------------
+
+
+def _manifest(out):
+    data = json.loads((out / "manifest.json").read_text())
+    return {a["format"]: a for a in data["artifacts"]}
+
+
+def test_export_21_class_unet_with_data(tmp_path, tiny_model_file):
+    model_file, data_file = tiny_model_file
+    out = tmp_path / "repo"
+    result = runner.invoke(
+        app, ["export", str(model_file), "--output-dir", str(out), "--data", str(data_file)]
+    )
+    assert result.exit_code in (0, 1), result.output
+    assert "segmentation, 21 classes" in result.output
+    assert "8 calibration and 8 verification samples" in result.output
+    arts = _manifest(out)
+    assert set(arts) == {"keras", "saved_model", "onnx", "int8"}
+    for fmt, a in arts.items():
+        assert [i["name"] for i in a["inputs"]] == ["image"], fmt
+        assert a["inputs"][0]["shape"][1:] == [32, 32, 3] and a["inputs"][0]["dtype"] == "float32"
+        assert a["outputs"] == [
+            {
+                "name": "logits",
+                "shape": [a["inputs"][0]["shape"][0], 32, 32, 21],
+                "dtype": "float32",
+                "output_kind": "logits",
+            }
+        ], fmt
+        assert (a["task"], a["num_classes"]) == ("segmentation", 21)
+        assert a["metric"]["name"] == "miou" and 0 <= a["metric"]["artifact"] <= 1
+        assert a["parity"]["n_samples"] == 8
+    for fmt in ("keras", "saved_model", "onnx"):
+        assert arts[fmt]["parity"]["max_abs_error_vs_keras"] <= 1e-4, fmt
+        assert arts[fmt]["parity"]["passed"] is True
+    q = arts["int8"]["quantization"]
+    assert q["calibration_samples"] == 8 and q["per_channel"] is True
+    assert isinstance(q["reduce_range"], bool) and q["reduce_range_reason"]
+    assert (result.exit_code == 0) == all(a["parity"]["passed"] for a in arts.values())
+
+
+def _two_input_model():
+    keras.utils.set_random_seed(1)
+    image, vec = keras.Input((32, 32, 3), name="image"), keras.Input((5,), name="vector")
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(image)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    merged = keras.layers.Concatenate(name="merge")([pooled, vec])
+    label = keras.layers.Dense(3, name="label")(merged)
+    gate = keras.layers.Dense(1, activation="sigmoid", name="gate")(merged)
+    return keras.Model({"image": image, "vector": vec}, [label, gate], name="two_in")
+
+
+def test_export_two_input_model_with_data(tmp_path):
+    model = _two_input_model()
+    model_file = tmp_path / "two.keras"
+    model.save(model_file)
+    rng = np.random.default_rng(2)
+    n = 16
+    data = tmp_path / "data.npz"
+    np.savez(
+        data,
+        image=rng.uniform(0, 1, (n, 32, 32, 3)).astype("float32"),
+        vector=rng.normal(0, 1, (n, 5)).astype("float32"),
+        y=rng.integers(0, 3, n),
+    )
+    out = tmp_path / "repo"
+    result = runner.invoke(
+        app,
+        ["export", str(model_file), "--output-dir", str(out), "--json", "--data", str(data)],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["task"] == "classification" and report["metric_name"] == "accuracy"
+    arts = _manifest(out)
+    assert set(arts) == {"keras", "saved_model", "onnx", "int8"}
+    for fmt, a in arts.items():
+        assert sorted(i["name"] for i in a["inputs"]) == ["image", "vector"], fmt
+        ins = {i["name"]: i for i in a["inputs"]}
+        assert ins["vector"]["shape"][1:] == [5] and ins["vector"]["dtype"] == "float32"
+        outs = {o["name"]: o for o in a["outputs"]}
+        assert outs["label"]["shape"][1:] == [3] and outs["gate"]["shape"][1:] == [1], fmt
+        assert outs["label"]["output_kind"] == "logits"
+        assert outs["gate"]["output_kind"] == "sigmoid"
+        assert a["parity"]["passed"] is True, (fmt, a["parity"])
+    assert [o["name"] for o in arts["onnx"]["outputs"]] == ["label", "gate"]
+    assert arts["int8"]["quantization"]["calibration_samples"] == 8
+    rows = {r["artifact"]: r for r in report["rows"]}
+    assert rows[".keras file"]["max_abs_error"] <= 1e-5
+
+
+def test_export_without_data_checks_parity_on_random_inputs(tmp_path, tiny_model_file):
+    model_file, _ = tiny_model_file
+    out = tmp_path / "repo"
+    result = runner.invoke(
+        app, ["export", str(model_file), "--output-dir", str(out), "--formats", "keras,onnx"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "no --data: checking parity on 8 random inputs" in result.output
+    arts = _manifest(out)
+    assert set(arts) == {"keras", "onnx"}
+    assert arts["onnx"]["metric"]["name"] is None
+    assert arts["onnx"]["parity"]["max_abs_error_vs_keras"] <= 1e-4
+    # A folder of images of another size, resized to the model's 32x32 input.
+    import tensorflow as tf
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (40, 48, 3)).astype("uint8")
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    onnx_file = str(out / "model.onnx")
+    verified = runner.invoke(app, ["verify", str(model_file), onnx_file, "--data", str(folder)])
+    assert verified.exit_code == 0, verified.output
+    assert "PASS" in verified.stdout and "n=3" in verified.stdout
+    quantized = runner.invoke(
+        app, ["quantize", onnx_file, str(tmp_path / "q.onnx"), "--data", str(folder), "--json"]
+    )
+    assert quantized.exit_code == 0, quantized.output
+    settings = json.loads(quantized.stdout)
+    assert settings["calibration_samples"] == 3 and settings["mode"] == "static"
+
+
+# -- the demo slice -------------------------------------------------------------------------------
 
 
 def test_small_end_to_end_slice(tmp_path):
@@ -36,17 +256,26 @@ def test_small_end_to_end_slice(tmp_path):
         output_dir=tmp_path, image_size=(32, 32), epochs=1, train_samples=64, seed=3
     )
     rows = {r["artifact"]: r for r in results["rows"]}
-    assert set(rows) == {"keras (TF)", "SavedModel", "ONNX fp32", "ONNX int8"}
-    assert rows["SavedModel"]["max_abs_error"] <= 1e-4
-    assert rows["ONNX fp32"]["max_abs_error"] <= 1e-4
-    assert abs(rows["ONNX fp32"]["miou"] - rows["keras (TF)"]["miou"]) < 1e-3
+    assert set(rows) == {"keras (TF)", ".keras file", "SavedModel", "ONNX fp32", "ONNX int8"}
+    assert rows["keras (TF)"]["max_abs_error"] is None  # the reference, not an artifact
+    for name in (".keras file", "SavedModel", "ONNX fp32"):
+        assert rows[name]["max_abs_error"] <= 1e-4, name
+        assert abs(rows[name]["miou"] - rows["keras (TF)"]["miou"]) < 1e-3, name
     for name in ("model.keras", "model.onnx", "model.int8.onnx", "manifest.json"):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "saved_model" / "1" / "saved_model.pb").exists()
     assert rows["ONNX int8"]["size_bytes"] < rows["ONNX fp32"]["size_bytes"]
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved["checks"]["ONNX max abs error <= 0.0001"] is True
-    assert all(r["p50_ms"] > 0 for r in results["rows"])
+    assert saved["checks"]["reloaded .keras and SavedModel max abs error <= 0.0001"] is True
+    timed = [r for r in results["rows"] if r["artifact"] != ".keras file"]
+    assert all(r["p50_ms"] > 0 for r in timed)
+    base = rows["keras (TF)"]["p50_ms"]
+    for r in timed[1:]:
+        assert r["speedup_vs_keras"] == pytest.approx(base / r["p50_ms"])
+    arts = _manifest(tmp_path)
+    assert arts["int8"]["extra"]["keras_p50_ms"] == pytest.approx(base)
+    assert arts["keras"]["outputs"][0]["output_kind"] == "logits"
 
 
 @pytest.mark.slow
@@ -60,30 +289,38 @@ def test_full_demo_meets_the_bar(tmp_path):
 
 
 def test_train_then_export_commands(tmp_path):
+    from dlmodels.data import shapes
+
     model_path = tmp_path / "m.keras"
     args = ["train", "--output", str(model_path), "--image-size", "32", "--epochs", "1"]
     args += ["--train-samples", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "8"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert model_path.exists() and "test mIoU" in result.output
-    # A second train into the same path refuses to overwrite the first model.
+    # A second train into the same path refuses to overwrite the first model, before training.
     again = runner.invoke(app, args)
-    assert again.exit_code != 0 and isinstance(again.exception, FileExistsError)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    x, y = shapes.load("test", image_size=(32, 32), num_samples=16, seed=5)
+    np.savez(tmp_path / "shapes.npz", x=x, y=y)
     out = tmp_path / "export"
-    result = runner.invoke(
-        app, ["export", str(model_path), "--output-dir", str(out), "--formats", "onnx,int8"]
-    )
+    args = ["export", str(model_path), "--output-dir", str(out), "--formats", "onnx,int8"]
+    args += ["--data", str(tmp_path / "shapes.npz"), "--int8-max-metric-drop", "1"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "manifest.json").read_text())
     assert "ONNX int8" in result.output
     assert (out / "model.onnx").exists() and (out / "model.int8.onnx").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
     assert [a["format"] for a in manifest["artifacts"]] == ["onnx", "int8"]
     for artifact in manifest["artifacts"]:
         assert artifact["metric"]["name"] == "miou"
         assert 0.0 <= artifact["metric"]["keras"] <= 1.0  # the baseline before quantization
+        assert artifact["num_classes"] == shapes.NUM_CLASSES
     assert manifest["artifacts"][0]["parity"]["max_abs_error_vs_keras"] <= 1e-4
-    bad = runner.invoke(app, ["export", str(model_path), "--formats", "tflite"])
-    assert bad.exit_code != 0 and "unknown formats" in bad.output
+    verified = runner.invoke(
+        app, ["verify", str(model_path), str(out / "model.onnx"), "--samples", "2", "--json"]
+    )
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["max_abs_error"] <= 1e-4
 
 
 def test_bench_command_writes_json_with_machine_info(tmp_path):
@@ -94,6 +331,9 @@ def test_bench_command_writes_json_with_machine_info(tmp_path):
     rows = {r["artifact"]: r for r in payload["results"]}
     assert set(rows) == {"keras (TF)", "ONNX fp32", "ONNX int8"}
     assert rows["ONNX fp32"]["max_abs_error"] <= 1e-4
-    assert rows["keras (TF)"]["speedup_vs_keras"] == 1.0
+    assert rows["ONNX int8"]["agreement"] >= 0.9
+    base = rows["keras (TF)"]["p50_ms"]
+    for name in ("ONNX fp32", "ONNX int8"):
+        assert rows[name]["speedup_vs_keras"] == pytest.approx(base / rows[name]["p50_ms"])
     assert all(r["p50_ms"] > 0 for r in rows.values())
     assert payload["machine"]["cores"] >= 1 and payload["machine"]["tensorflow"]

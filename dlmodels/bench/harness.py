@@ -60,17 +60,31 @@ def keras_predictor(model) -> Callable:
     `model.predict` pays ~ms of per-call overhead (data adapter, callbacks) that serving code
     does not, which would flatter every other runtime.
 
+    Args:
+        model: a Keras model.
+
     Returns:
-        `predict(x) -> numpy array` (or a list of arrays for multi-output models).
+        `predict(x) -> numpy array` (or a list of arrays for multi-output models). `x` is one
+        array, a list in `model.inputs` order, or a dict by input name.
     """
     import tensorflow as tf
+
+    from dlmodels.export._signature import pack_inputs
+
+    names = [t.name for t in getattr(model, "inputs", None) or []]
 
     @tf.function(jit_compile=False, reduce_retracing=True)
     def run(x):
         return model(x, training=False)
 
     def predict(x):
-        out = run(tf.convert_to_tensor(x) if not isinstance(x, list | tuple) else list(x))
+        if isinstance(x, Mapping):
+            x = pack_inputs(model, [tf.convert_to_tensor(x[n]) for n in names])
+        elif isinstance(x, list | tuple):
+            x = pack_inputs(model, [tf.convert_to_tensor(v) for v in x])
+        else:
+            x = tf.convert_to_tensor(x)
+        out = run(x)
         if isinstance(out, list | tuple):
             return [o.numpy() for o in out]
         if isinstance(out, dict):

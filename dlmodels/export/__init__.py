@@ -1,36 +1,80 @@
 """Export Keras models to deployable artifacts and prove they compute what Keras computes.
 
     to_keras / to_saved_model / to_onnx   write artifacts atomically (temp sibling + rename)
-    quantize                              static int8 QDQ / dynamic int8 / fp16 ONNX
+    quantize / quantize_with_report       static int8 QDQ / dynamic int8 / fp16 ONNX
     verify / onnx_predict                 parity in a fresh onnxruntime process
     write_manifest / ArtifactEntry        manifest.json with I/O specs, parity, metrics, versions
+    write_repository                      all of the above for any functional model, one call
 
 Every writer refuses an existing target unless `overwrite=True`, and a failed export leaves
 neither a partial file nor temp debris behind.
 """
 
 from dlmodels.export.keras_format import to_keras
-from dlmodels.export.manifest import ArtifactEntry, artifact_size, tool_versions, write_manifest
+from dlmodels.export.manifest import (
+    ArtifactEntry,
+    artifact_size,
+    model_output_kinds,
+    model_task,
+    tool_versions,
+    write_manifest,
+)
 from dlmodels.export.onnx import DEFAULT_OPSET, UnsupportedOpError, onnx_io, to_onnx
-from dlmodels.export.quantize import ArrayCalibrationReader, quantize
+from dlmodels.export.quantize import (
+    ArrayCalibrationReader,
+    QuantizeReport,
+    default_reduce_range,
+    quantize,
+    quantize_with_report,
+)
 from dlmodels.export.saved_model import to_saved_model
-from dlmodels.export.verify import VerificationError, VerifyReport, onnx_predict, verify
+from dlmodels.export.verify import (
+    VerificationError,
+    VerifyReport,
+    compare_outputs,
+    keras_outputs,
+    onnx_predict,
+    verify,
+)
+
+# After the writers above: repository imports them through this package.
+from dlmodels.export.repository import (  # isort: skip
+    ARTIFACT_PATHS,
+    FORMATS,
+    ArtifactResult,
+    RepositoryReport,
+    sample_dict,
+    write_repository,
+)
 
 __all__ = [
+    "ARTIFACT_PATHS",
     "DEFAULT_OPSET",
+    "FORMATS",
     "ArrayCalibrationReader",
     "ArtifactEntry",
+    "ArtifactResult",
+    "QuantizeReport",
+    "RepositoryReport",
     "UnsupportedOpError",
     "VerificationError",
     "VerifyReport",
     "artifact_size",
+    "compare_outputs",
+    "default_reduce_range",
+    "keras_outputs",
+    "model_output_kinds",
+    "model_task",
     "onnx_io",
     "onnx_predict",
     "quantize",
+    "quantize_with_report",
+    "sample_dict",
     "to_keras",
     "to_onnx",
     "to_saved_model",
     "tool_versions",
     "verify",
     "write_manifest",
+    "write_repository",
 ]

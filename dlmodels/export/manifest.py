@@ -131,6 +131,13 @@ class ArtifactEntry:
         metric_after: the same metric computed on this artifact's outputs.
         metric_name: what the metric is ("miou", "accuracy", ...).
         extra: anything else worth keeping (agreement, latency, passed, ...).
+        parity: further parity facts merged into the entry's "parity" object
+            (mean_abs_error_vs_keras, argmax_agreement, n_samples, atol, passed, method, ...).
+        output_kinds: output name -> "logits" | "softmax" | "sigmoid" | "unknown"; written as
+            `output_kind` on each output spec. None: read from `model` (`output_kind`).
+        task: "segmentation", "classification" or None (parity only); None: read from `model`.
+        num_classes: class count when the task has classes; None: read from `model`.
+        quantization: quantization settings (`QuantizeReport.settings()`) for quantized files.
     """
 
     format: str
@@ -140,6 +147,41 @@ class ArtifactEntry:
     metric_after: float | None = None
     metric_name: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    output_kinds: dict[str, str] | None = None
+    task: str | None = None
+    num_classes: int | None = None
+    quantization: dict[str, Any] | None = None
+
+
+def model_output_kinds(model) -> dict[str, str]:
+    """{output name: "logits" | "softmax" | "sigmoid" | "unknown"} for a functional model."""
+    if model is None or not getattr(model, "outputs", None):
+        return {}
+    from dlmodels.models.outputs import output_kind
+
+    kinds = output_kind(model)
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    return dict(zip(model.output_names, kinds, strict=False))
+
+
+def model_task(model) -> tuple[str | None, int | None]:
+    """(task, num_classes) read off a model's first output.
+
+    Rank 4 (batch, H, W, C) with C > 1 is "segmentation" with C classes, rank 2 (batch, C) is
+    "classification" with C classes (C == 1: one sigmoid/logit score, two classes); anything
+    else is (None, None): artifacts are then checked for parity only.
+    """
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return None, None
+    shape = tuple(outputs[0].shape)
+    channels = shape[-1] if shape else None
+    if len(shape) == 4 and channels is not None and channels > 1:
+        return "segmentation", int(channels)
+    if len(shape) == 2 and channels is not None:
+        return "classification", int(channels) if channels > 1 else 2
+    return None, None
 
 
 _ROW_KEYS = {"format", "path", "max_abs_error", "size_bytes"}
@@ -164,22 +206,31 @@ def build_manifest(path: Path, entries: list[ArtifactEntry], model=None) -> dict
     """The manifest dict (see `write_manifest`)."""
     root = path.parent.resolve()
     artifacts = []
+    default_kinds = model_output_kinds(model)
+    default_task, default_classes = model_task(model)
     for e in entries:
         p = Path(e.path)
         if not p.exists():
             raise FileNotFoundError(f"manifest entry {e.format!r}: {p} does not exist")
+        io = describe_io(p, e.format, model)
+        kinds = e.output_kinds if e.output_kinds is not None else default_kinds
+        for spec in io.get("outputs", []):
+            spec["output_kind"] = kinds.get(spec["name"], "unknown")
         artifacts.append(
             {
                 "format": e.format,
                 "path": os.path.relpath(p.resolve(), root),
                 "size_bytes": artifact_size(p),
-                **describe_io(p, e.format, model),
-                "parity": {"max_abs_error_vs_keras": e.max_abs_error},
+                **io,
+                "task": e.task if e.task is not None else default_task,
+                "num_classes": e.num_classes if e.num_classes is not None else default_classes,
+                "parity": {"max_abs_error_vs_keras": e.max_abs_error, **e.parity},
                 "metric": {
                     "name": e.metric_name,
                     "keras": e.metric_before,
                     "artifact": e.metric_after,
                 },
+                **({"quantization": e.quantization} if e.quantization is not None else {}),
                 **({"extra": e.extra} if e.extra else {}),
             }
         )
@@ -206,10 +257,12 @@ def write_manifest(
     """Write manifest.json describing exported artifacts, atomically.
 
     Per artifact: format, path relative to the manifest, size in bytes, input/output names,
-    shapes and dtypes read from the artifact, parity error vs Keras, the task metric before
-    (Keras) and after (artifact). Once per manifest: the source model (name, class, params,
-    config), tool versions (tensorflow, keras, tf2onnx, onnx, onnxruntime, dlmodels, python)
-    and a UTC timestamp.
+    shapes and dtypes read from the artifact (each output also carries `output_kind`: "logits",
+    "softmax", "sigmoid" or "unknown", so a client knows whether it receives probabilities),
+    `task` and `num_classes` (None when unknown), parity vs Keras, the task metric before
+    (Keras) and after (artifact), and for quantized files the `quantization` settings. Once per
+    manifest: the source model (name, class, params, config), tool versions (tensorflow, keras,
+    tf2onnx, onnx, onnxruntime, dlmodels, python) and a UTC timestamp.
 
     Args:
         path: the manifest file (conventionally `<artifact dir>/manifest.json`).

@@ -139,7 +139,14 @@ def _run_worker(path: Path, inputs) -> tuple[list[np.ndarray], list[str], bool]:
     return outputs, out_names, tf_loaded
 
 
-def _keras_outputs(model, inputs) -> dict[str, np.ndarray]:
+def keras_outputs(model, inputs, *, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """`model.predict(inputs)` (inference mode) as {output name: array}.
+
+    Args:
+        model: a functional Keras model.
+        inputs: one array, a list in `model.inputs` order, or a dict by input name.
+        batch_size: prediction batch size.
+    """
     from dlmodels.export._signature import pack_inputs
 
     if isinstance(inputs, Mapping):
@@ -148,7 +155,7 @@ def _keras_outputs(model, inputs) -> dict[str, np.ndarray]:
         flat = list(inputs)
     else:
         flat = [inputs]
-    out = model.predict(pack_inputs(model, flat), verbose=0, batch_size=32)
+    out = model.predict(pack_inputs(model, flat), verbose=0, batch_size=batch_size)
     import keras
 
     flat = keras.tree.flatten(out)
@@ -163,6 +170,48 @@ def _n_samples(inputs) -> int:
     return int(np.shape(inputs)[0])
 
 
+def compare_outputs(
+    expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], *, where: str = "artifact"
+) -> tuple[float, float, float | None, bool]:
+    """Element-wise comparison of two {output name: array} dicts (Keras vs an artifact).
+
+    Returns:
+        (max_abs_error, mean_abs_error, argmax agreement, finite): the errors over every element
+        of every output (max is inf when the artifact produced NaN/inf), the fraction of
+        positions whose argmax over the last axis agrees for outputs with more than one channel
+        (None when there is none), and whether every artifact value is finite.
+
+    Raises:
+        VerificationError: the output names or shapes differ.
+    """
+    if set(got) != set(expected):
+        raise VerificationError(
+            f"{where}: outputs {sorted(got)} do not match Keras output_names {sorted(expected)}"
+        )
+    abs_sum, count, max_err = 0.0, 0, 0.0
+    agree_hits, agree_total = 0, 0
+    for name, e in expected.items():
+        e = np.asarray(e)
+        g = np.asarray(got[name])
+        if g.shape != e.shape:
+            raise VerificationError(
+                f"{where}: output {name!r} has shape {g.shape}, {e.shape} in Keras"
+            )
+        diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+        max_err = max(max_err, float(np.max(diff)) if diff.size else 0.0)
+        abs_sum += float(np.sum(diff))
+        count += diff.size
+        if e.ndim >= 2 and e.shape[-1] > 1:
+            agree_hits += int(np.sum(np.argmax(g, -1) == np.argmax(e, -1)))
+            agree_total += int(np.prod(e.shape[:-1]))
+    finite = all(np.all(np.isfinite(np.asarray(g, dtype=np.float64))) for g in got.values())
+    if not finite or not np.isfinite(max_err):
+        # NaN/inf never passes, not even against atol=inf (the int8 convention).
+        max_err = float("inf")
+    agreement = agree_hits / agree_total if agree_total else None
+    return max_err, abs_sum / max(count, 1), agreement, bool(finite)
+
+
 def verify(
     model,
     onnx_path: str | os.PathLike,
@@ -172,6 +221,7 @@ def verify(
     labels=None,
     metric: Callable | None = None,
     raise_on_fail: bool = False,
+    expected: Mapping[str, np.ndarray] | None = None,
 ) -> VerifyReport:
     """Compare an ONNX file, run in a fresh onnxruntime process, with Keras inference.
 
@@ -191,6 +241,9 @@ def verify(
             (or the list of outputs for multi-output models); computed on Keras and on ONNX
             outputs when `labels` is given.
         raise_on_fail: raise VerificationError instead of returning a failed report.
+        expected: Keras outputs on `inputs` already computed ({output name: array}, as
+            `keras_outputs` returns); saves running the model again when several artifacts
+            are checked against the same samples.
 
     Returns:
         A VerifyReport.
@@ -198,7 +251,7 @@ def verify(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}; export one with to_onnx first")
-    expected = _keras_outputs(model, inputs)
+    expected = dict(expected) if expected is not None else keras_outputs(model, inputs)
     got_list, got_names, tf_loaded = _run_worker(onnx_path, inputs)
     if tf_loaded:  # the worker's contract; a regression here would invalidate the check
         raise RuntimeError("the onnxruntime worker imported TensorFlow; parity is not isolated")
@@ -208,33 +261,15 @@ def verify(
             f"{onnx_path}: ONNX outputs {got_names} do not match Keras output_names "
             f"{list(expected)}; re-export with dlmodels.export.to_onnx"
         )
-    abs_sum, count, max_err = 0.0, 0, 0.0
-    agree_hits, agree_total = 0, 0
-    for name, e in expected.items():
-        g = got[name]
-        if g.shape != e.shape:
-            raise VerificationError(
-                f"{onnx_path}: output {name!r} has shape {g.shape} in ONNX, {e.shape} in Keras"
-            )
-        diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
-        max_err = max(max_err, float(np.max(diff)) if diff.size else 0.0)
-        abs_sum += float(np.sum(diff))
-        count += diff.size
-        if e.ndim >= 2 and e.shape[-1] > 1:
-            agree_hits += int(np.sum(np.argmax(g, -1) == np.argmax(e, -1)))
-            agree_total += int(np.prod(e.shape[:-1]))
-    finite = all(np.all(np.isfinite(g)) for g in got.values())
-    if not finite or not np.isfinite(max_err):
-        # NaN/inf never passes, not even against atol=inf (the int8 convention).
-        max_err = float("inf")
+    max_err, mean_err, agreement, finite = compare_outputs(expected, got, where=str(onnx_path))
     report = VerifyReport(
         path=str(onnx_path),
         max_abs_error=max_err,
-        mean_abs_error=abs_sum / max(count, 1),
+        mean_abs_error=mean_err,
         atol=float(atol),
         passed=bool(finite and max_err <= atol),
         n_samples=_n_samples(inputs),
-        agreement=agree_hits / agree_total if agree_total else None,
+        agreement=agreement,
     )
     if metric is not None and labels is not None:
 

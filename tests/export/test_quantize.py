@@ -1,5 +1,7 @@
 """Static int8 QDQ quantization: QDQ nodes, int8 weights, smaller file, fp32 agreement."""
 
+import importlib
+
 import numpy as np
 import onnx
 import pytest
@@ -123,3 +125,105 @@ def test_no_debris_when_symbolic_shape_inference_gives_up(tmp_path, monkeypatch)
     assert list(cwd.iterdir()) == []
     assert "QuantizeLinear" in _ops(int8)
     assert export.verify(unet, int8, images(4, seed=5), atol=np.inf).agreement >= 0.9
+
+
+def _input_scale(int8_path, input_name="image"):
+    """The activation scale the calibrator chose for a graph input (its range / 255)."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(int8_path)).graph
+    tensor = input_name
+    for _ in range(4):  # look through layout ops (NHWC -> NCHW Transpose) before the quantizer
+        node = next(n for n in graph.node if n.input and n.input[0] == tensor)
+        if node.op_type == "QuantizeLinear":
+            break
+        assert node.op_type in ("Transpose", "Reshape", "Identity"), node.op_type
+        tensor = node.output[0]
+    init = {i.name: i for i in graph.initializer}
+    return float(numpy_helper.to_array(init[node.input[1]]))
+
+
+def test_one_shot_generator_contributes_every_batch(onnx_file, tmp_path):
+    """The first batch of a one-shot generator holds the widest range: if peeking at the data
+    dropped it (the old get_next + rewind), the input scale would cover [0, ~1.1] only."""
+    x = images(12, seed=30)
+    batches = [x[:4] * 10.0, x[4:8], x[8:]]
+    widest = float(batches[0].max())
+
+    def one_shot():
+        yield from batches
+
+    reader = ArrayCalibrationReader(one_shot(), input_name="image", input_rank=4)
+    path = export.quantize(onnx_file, tmp_path / "gen.int8.onnx", calibration=reader)
+    assert reader.batches_seen == 3 and reader.samples_seen == 12
+    assert _input_scale(path) * 255 == pytest.approx(widest, rel=1e-3)
+    # Without a reader of our own: the report counts what the calibrator read.
+    report = export.quantize_with_report(
+        onnx_file, tmp_path / "gen2.int8.onnx", calibration=one_shot()
+    )
+    assert (report.calibration_batches, report.calibration_samples) == (3, 12)
+    assert _input_scale(report.path) * 255 == pytest.approx(widest, rel=1e-3)
+
+
+def _two_input_onnx(tmp_path):
+    import keras
+
+    image, vec = keras.Input((16, 16, 3), name="image"), keras.Input((5,), name="vector")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="conv")(image))
+    out = keras.layers.Dense(3, name="scores")(keras.layers.Concatenate()([x, vec]))
+    model = keras.Model([image, vec], out)
+    return model, export.to_onnx(model, tmp_path / "two.onnx")
+
+
+def test_calibration_feeds_every_input(tmp_path):
+    import tensorflow as tf
+
+    model, path = _two_input_onnx(tmp_path)
+    x, v = images(6, seed=31), np.random.default_rng(0).random((6, 5), "float32") * 7
+    y = np.zeros(6, "int32")
+    kw = dict(input_names=["image", "vector"], input_ranks=[4, 2], batch_size=4)
+
+    def drained(data):
+        reader = ArrayCalibrationReader(data, **kw)
+        out = []
+        while (item := reader.get_next()) is not None:
+            out.append({k: a.shape for k, a in item.items()})
+        return out
+
+    by_name = [
+        {"image": (4, 16, 16, 3), "vector": (4, 5)},
+        {"image": (2, 16, 16, 3), "vector": (2, 5)},
+    ]
+    assert drained({"image": x, "vector": v}) == by_name
+    assert drained([x, v]) == by_name
+    assert drained(tf.data.Dataset.from_tensor_slices(((x, v), y)).batch(4)) == by_name
+    assert (
+        drained(tf.data.Dataset.from_tensor_slices({"image": x, "vector": v}).batch(4)) == by_name
+    )
+    assert drained(iter([(x[:4], v[:4], y[:4]), (x[4:], v[4:], y[4:])])) == by_name
+    with pytest.raises(ValueError, match="lacks graph inputs"):
+        drained([{"image": x}])
+    report = export.quantize_with_report(path, tmp_path / "two.int8.onnx", calibration=[x, v])
+    assert report.calibration_samples == 6
+    # The vector input's range (0..7) was calibrated from the data fed for it.
+    assert _input_scale(report.path, "vector") * 255 == pytest.approx(v.max(), rel=1e-3)
+    assert export.verify(model, report.path, [x, v], atol=np.inf).passed
+
+
+def test_reduce_range_follows_the_cpu_and_is_overridable(onnx_file, tmp_path, monkeypatch):
+    quant = importlib.import_module("dlmodels.export.quantize")
+    monkeypatch.delenv(quant.REDUCE_RANGE_ENV, raising=False)
+    monkeypatch.setattr(quant.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(quant, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert quant.default_reduce_range()[0] is True
+    monkeypatch.setattr(quant, "_cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    assert quant.default_reduce_range() == (False, "x86 with avx512_vnni")
+    monkeypatch.setattr(quant.platform, "machine", lambda: "aarch64")
+    assert quant.default_reduce_range()[0] is False
+    monkeypatch.setenv(quant.REDUCE_RANGE_ENV, "1")
+    assert quant.default_reduce_range() == (True, "DLMODELS_REDUCE_RANGE=1")
+    report = export.quantize_with_report(
+        onnx_file, tmp_path / "rr.onnx", calibration=images(4), reduce_range=False
+    )
+    assert report.settings()["reduce_range"] is False
+    assert report.settings()["reduce_range_reason"] == "argument"

@@ -1,0 +1,593 @@
+"""One export pipeline for any functional Keras model: write, verify, describe.
+
+`write_repository` writes each requested artifact (.keras, SavedModel, ONNX, static int8 ONNX)
+atomically into one directory, checks every one of them against the Keras model on the caller's
+samples by running the artifact itself (the `.keras` file is reloaded, the SavedModel loaded,
+ONNX files run in a fresh onnxruntime process), computes the caller's metric on Keras and on each
+artifact, optionally times them side by side, and writes one manifest.json. The demo, the CLI
+and notebooks all go through it; it imports no data set: samples, labels, calibration data and
+the metric come from the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlmodels.export._atomic import check_target
+from dlmodels.export.manifest import (
+    ArtifactEntry,
+    artifact_size,
+    model_output_kinds,
+    model_task,
+    write_manifest,
+)
+from dlmodels.export.onnx import DEFAULT_OPSET
+
+FORMATS = ("keras", "saved_model", "onnx", "int8")
+"""Formats `write_repository` writes, in the order it writes them."""
+
+ARTIFACT_PATHS = {
+    "keras": "model.keras",
+    "saved_model": "saved_model/1",
+    "onnx": "model.onnx",
+    "int8": "model.int8.onnx",
+}
+"""Where each format goes, relative to the output directory (SavedModel in a TF Serving
+version directory)."""
+
+ARTIFACT_NAMES = {
+    "keras": ".keras file",
+    "saved_model": "SavedModel",
+    "onnx": "ONNX fp32",
+    "int8": "ONNX int8",
+}
+"""Display names used in tables and in the manifest's `extra.artifact`."""
+
+BASELINE = "keras (TF)"
+"""Display name of the in-memory Keras model every artifact is compared with."""
+
+MANIFEST_NAME = "manifest.json"
+
+_METHODS = {
+    "keras": "reloaded with keras.saving.load_model(safe_mode=True)",
+    "saved_model": "tf.saved_model.load, signature serving_default",
+    "onnx": "onnxruntime CPU in a fresh process",
+    "int8": "onnxruntime CPU in a fresh process",
+}
+
+
+@dataclasses.dataclass
+class ArtifactResult:
+    """One written and verified artifact.
+
+    Attributes:
+        format: "keras", "saved_model", "onnx" or "int8".
+        artifact: display name (".keras file", "SavedModel", "ONNX fp32", "ONNX int8").
+        path: the file or directory written.
+        size_bytes: bytes on disk.
+        max_abs_error / mean_abs_error: |artifact - keras| over every output element.
+        agreement: argmax agreement with Keras over outputs with more than one channel.
+        metric: the caller's metric on this artifact's outputs (None without metric/labels).
+        passed: whether the artifact met its bar (see `judged_by`).
+        judged_by: the bar, in words.
+        method: how the artifact was run.
+        n_samples: samples compared.
+        quantization: settings of a quantized file (`QuantizeReport.settings()`).
+        p50_ms / speedup_vs_keras: batch-1 latency and Keras p50 / this p50, when benchmarked.
+    """
+
+    format: str
+    artifact: str
+    path: Path
+    size_bytes: int
+    max_abs_error: float
+    mean_abs_error: float
+    agreement: float | None
+    metric: float | None
+    passed: bool
+    judged_by: str
+    method: str
+    n_samples: int
+    quantization: dict[str, Any] | None = None
+    p50_ms: float | None = None
+    speedup_vs_keras: float | None = None
+
+
+@dataclasses.dataclass
+class RepositoryReport:
+    """What `write_repository` wrote and measured.
+
+    Attributes:
+        output_dir: the directory holding every artifact and the manifest.
+        manifest_path: manifest.json.
+        artifacts: one ArtifactResult per written format, in FORMATS order.
+        task / num_classes: as recorded in the manifest (None when unknown).
+        output_kinds: output name -> "logits" | "softmax" | "sigmoid" | "unknown".
+        metric_name: name of the caller's metric (None without one).
+        keras_metric: the metric on the in-memory Keras model's outputs.
+        n_samples: verification samples.
+        keras_p50_ms: batch-1 latency of the in-memory Keras model, when benchmarked.
+    """
+
+    output_dir: Path
+    manifest_path: Path
+    artifacts: list[ArtifactResult]
+    task: str | None
+    num_classes: int | None
+    output_kinds: dict[str, str]
+    metric_name: str | None
+    keras_metric: float | None
+    n_samples: int
+    keras_p50_ms: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Every artifact met its bar."""
+        return all(a.passed for a in self.artifacts)
+
+    def __getitem__(self, fmt: str) -> ArtifactResult:
+        for a in self.artifacts:
+            if a.format == fmt:
+                return a
+        raise KeyError(f"no {fmt!r} artifact in this report; formats: {self.formats}")
+
+    @property
+    def formats(self) -> list[str]:
+        return [a.format for a in self.artifacts]
+
+    def failures(self) -> list[str]:
+        """One line per artifact that missed its bar."""
+        return [
+            f"{a.artifact} ({a.path}): max |err| {a.max_abs_error:.3e}, "
+            f"agreement {a.agreement}, metric {a.metric}; bar: {a.judged_by}"
+            for a in self.artifacts
+            if not a.passed
+        ]
+
+    def rows(self) -> list[dict]:
+        """Table rows: the in-memory Keras baseline first, then one per artifact.
+
+        Keys: artifact, format, path, size_bytes, max_abs_error, mean_abs_error, agreement,
+        metric (plus the metric under its own name, e.g. "miou"), passed, p50_ms,
+        speedup_vs_keras. The baseline row has format None and no error (it is the reference).
+        """
+        key = self.metric_name
+        base = {
+            "artifact": BASELINE,
+            "format": None,
+            "path": None,
+            "size_bytes": None,
+            "max_abs_error": None,
+            "metric": self.keras_metric,
+        }
+        if key:
+            base[key] = self.keras_metric
+        if self.keras_p50_ms is not None:
+            base["p50_ms"] = self.keras_p50_ms
+        rows = [base]
+        for a in self.artifacts:
+            row = {
+                "artifact": a.artifact,
+                "format": a.format,
+                "path": str(a.path),
+                "size_bytes": a.size_bytes,
+                "max_abs_error": a.max_abs_error,
+                "mean_abs_error": a.mean_abs_error,
+                "agreement": a.agreement,
+                "metric": a.metric,
+                "passed": a.passed,
+            }
+            if key:
+                row[key] = a.metric
+            if a.p50_ms is not None:
+                row["p50_ms"] = a.p50_ms
+                row["speedup_vs_keras"] = a.speedup_vs_keras
+            rows.append(row)
+        return rows
+
+
+# -- samples ---------------------------------------------------------------------------------
+
+
+def sample_dict(model, samples) -> dict[str, np.ndarray]:
+    """Match `samples` to the model's inputs: {input name: array} in `model.inputs` order.
+
+    Args:
+        model: a functional Keras model.
+        samples: one array (single-input models), a list/tuple in `model.inputs` order, or a
+            dict keyed by input name. Every array has a batch axis and the same batch size.
+
+    Returns:
+        Arrays cast to each input's dtype (float64 -> float32, ints to the input's int type).
+
+    Raises:
+        ValueError: naming the input, the shape/dtype found and what the model expects.
+    """
+    from dlmodels.export._signature import input_names
+
+    names = input_names(model)
+    if isinstance(samples, Mapping):
+        missing = [n for n in names if n not in samples]
+        unknown = sorted(set(samples) - set(names))
+        if missing or unknown:
+            raise ValueError(
+                f"samples has keys {sorted(samples)}; the model's inputs are {names} "
+                f"(missing {missing}, unknown {unknown}). Key the arrays by input name."
+            )
+        arrays = [samples[n] for n in names]
+    elif isinstance(samples, list | tuple):
+        if len(samples) != len(names):
+            raise ValueError(
+                f"samples has {len(samples)} arrays; the model has {len(names)} inputs {names}. "
+                "Give one array per input, in model.inputs order, or a dict by input name."
+            )
+        arrays = list(samples)
+    else:
+        if len(names) != 1:
+            raise ValueError(
+                f"samples is one array but the model has inputs {names}; pass a list in that "
+                "order or a dict keyed by input name."
+            )
+        arrays = [samples]
+    out: dict[str, np.ndarray] = {}
+    for name, tensor, a in zip(names, model.inputs, arrays, strict=True):
+        a = np.asarray(a)
+        want = tuple(tensor.shape)
+        if a.ndim != len(want):
+            hint = " (add the batch axis)" if a.ndim == len(want) - 1 else ""
+            raise ValueError(
+                f"samples for input {name!r} have shape {a.shape}; the model expects rank "
+                f"{len(want)} {_shape_text(want)}{hint}."
+            )
+        bad = [i for i, d in enumerate(want) if i > 0 and d is not None and a.shape[i] != d]
+        if bad:
+            raise ValueError(
+                f"samples for input {name!r} have shape {a.shape}; the model expects "
+                f"{_shape_text(want)}. Resize or reshape the data to the model's input size."
+            )
+        dtype = np.dtype(str(tensor.dtype))
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise ValueError(
+                f"samples for input {name!r} have dtype {a.dtype}; the model expects {dtype}."
+            )
+        out[name] = np.ascontiguousarray(a, dtype=dtype)
+    sizes = {len(a) for a in out.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(
+            f"samples must have the same, non-zero batch size for every input; got "
+            f"{ {k: len(v) for k, v in out.items()} }."
+        )
+    return out
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def _pack(model, outputs: Mapping[str, np.ndarray]):
+    values = [outputs[k] for k in model.output_names]
+    return values[0] if len(values) == 1 else values
+
+
+# -- running each artifact -----------------------------------------------------------------
+
+
+def _reload_keras(path: Path):
+    import keras
+
+    import dlmodels.layers  # noqa: F401  registers dlmodels' serializable layers
+
+    # Looked up at call time (not imported by name) so a test can replace the loader.
+    return keras.saving.load_model(str(path), safe_mode=True)
+
+
+def _saved_model_outputs(path: Path, samples: dict[str, np.ndarray], batch_size: int) -> dict:
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+    n = len(next(iter(samples.values())))
+    chunks: dict[str, list[np.ndarray]] = {}
+    for i in range(0, n, batch_size):
+        out = fn(**{k: tf.constant(v[i : i + batch_size]) for k, v in samples.items()})
+        for k, v in out.items():
+            chunks.setdefault(k, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def _saved_model_predictor(path: Path) -> Callable:
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+    def predict(x: Mapping[str, np.ndarray]):
+        return [v.numpy() for v in fn(**{k: tf.constant(v) for k, v in x.items()}).values()]
+
+    return predict
+
+
+def _check_formats(formats) -> list[str]:
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    wanted = list(dict.fromkeys(formats))
+    unknown = [f for f in wanted if f not in FORMATS]
+    if unknown or not wanted:
+        raise ValueError(
+            f"formats={list(formats)!r}: unknown {unknown or 'none given'}; choose one or more of "
+            f"{list(FORMATS)} (e.g. formats=('onnx', 'int8'))."
+        )
+    return [f for f in FORMATS if f in wanted]
+
+
+def write_repository(
+    model,
+    output_dir: str | os.PathLike,
+    *,
+    samples,
+    formats: Sequence[str] | str = FORMATS,
+    labels=None,
+    metric: Callable | None = None,
+    metric_name: str | None = None,
+    calibration=None,
+    opset: int = DEFAULT_OPSET,
+    atol: float = 1e-4,
+    int8_max_metric_drop: float = 0.01,
+    int8_min_agreement: float = 0.9,
+    per_channel: bool = True,
+    reduce_range: bool | None = None,
+    max_calibration_samples: int | None = 256,
+    task: str | None = None,
+    num_classes: int | None = None,
+    benchmark: bool = False,
+    bench_iters: int = 30,
+    bench_warmup: int = 5,
+    batch_size: int = 32,
+    overwrite: bool = False,
+) -> RepositoryReport:
+    """Write every requested artifact of `model`, verify each against Keras, write manifest.json.
+
+    Works for any functional Keras model: one or several inputs (float or integer), one or
+    several outputs. Each artifact is written atomically and then run on `samples`:
+    the `.keras` file is reloaded (`keras.saving.load_model(safe_mode=True)`), the SavedModel
+    loaded and called through `serving_default`, ONNX files run in a fresh onnxruntime process
+    (`verify`). fp32 artifacts pass when max |artifact - keras| <= `atol`; the int8 file passes
+    when its argmax agreement with Keras is >= `int8_min_agreement` (outputs with more than one
+    channel) and the metric drops by at most `int8_max_metric_drop` (when a metric is given).
+    When "int8" is asked for without "onnx", the fp32 ONNX file is made in a temp directory.
+
+    All targets are checked before any work: with `overwrite=False` an existing artifact or
+    manifest raises FileExistsError and nothing is written. If an export fails half-way, the
+    artifacts already written stay (each is complete) and no manifest is written.
+
+    Args:
+        model: a functional Keras model (for subclassed models export functional sub-models).
+        output_dir: directory for the artifacts (`model.keras`, `saved_model/1`, `model.onnx`,
+            `model.int8.onnx`) and `manifest.json`.
+        samples: verification inputs: one array, a list in `model.inputs` order, or a dict by
+            input name, each with a batch axis.
+        formats: subset of FORMATS (a sequence, or a comma-separated string).
+        labels: ground truth for `metric`, in whatever form `metric` takes.
+        metric: `metric(labels, outputs) -> float`, outputs being the single output array (or a
+            list in `model.output_names` order); computed on Keras and on every artifact.
+        metric_name: what the metric is called in the manifest ("miou", "accuracy").
+        calibration: int8 calibration data (see `quantize_with_report`); default: `samples`.
+            Calibrating on the verification samples flatters int8; pass separate data.
+        opset: ONNX opset.
+        atol: parity bar of the fp32 artifacts.
+        int8_max_metric_drop: largest tolerated `keras metric - int8 metric`.
+        int8_min_agreement: smallest tolerated argmax agreement of the int8 file.
+        per_channel / reduce_range / max_calibration_samples: static int8 settings
+            (reduce_range None: chosen from this CPU, see `default_reduce_range`).
+        task / num_classes: recorded in the manifest; None: read from the model's first output
+            (rank 4 with C > 1: segmentation, rank 2: classification).
+        benchmark: time batch-1 latency of Keras and each artifact side by side (off by
+            default: it takes seconds and measures the machine, not the export).
+        bench_iters / bench_warmup: timed and untimed calls per predictor.
+        batch_size: prediction batch size for Keras and the SavedModel.
+        overwrite: replace existing artifacts and manifest.
+
+    Returns:
+        A RepositoryReport (one ArtifactResult per artifact, the manifest path).
+
+    Raises:
+        ValueError: unknown formats, samples that do not match the model's inputs, a metric
+            without labels.
+        FileExistsError: a target exists and `overwrite` is False.
+    """
+    from dlmodels import export
+
+    wanted = _check_formats(formats)
+    feeds = sample_dict(model, samples)
+    if metric is not None and labels is None:
+        raise ValueError(
+            "metric was given without labels; pass labels=... (ground truth for the samples) "
+            "or leave metric=None to check parity only."
+        )
+    if int8_min_agreement is not None and not 0.0 <= int8_min_agreement <= 1.0:
+        raise ValueError(f"int8_min_agreement must be in [0, 1], got {int8_min_agreement}")
+    if metric is None:
+        metric_name = None
+    elif metric_name is None:
+        metric_name = getattr(metric, "__name__", "metric")
+    output_dir = Path(output_dir)
+    targets = {f: output_dir / ARTIFACT_PATHS[f] for f in wanted}
+    manifest_path = output_dir / MANIFEST_NAME
+    for target in [*targets.values(), manifest_path]:
+        check_target(target, overwrite=overwrite)
+    found_task, found_classes = model_task(model)
+    task = task if task is not None else found_task
+    num_classes = num_classes if num_classes is not None else found_classes
+    kinds = model_output_kinds(model)
+    n = len(next(iter(feeds.values())))
+
+    expected = export.keras_outputs(model, feeds, batch_size=batch_size)
+
+    def score(outputs) -> float | None:
+        return None if metric is None else float(metric(labels, _pack(model, outputs)))
+
+    keras_metric = score(expected)
+    results: list[ArtifactResult] = []
+
+    def fp32_result(fmt, path, got) -> ArtifactResult:
+        max_err, mean_err, agreement, finite = export.compare_outputs(
+            expected, got, where=f"{ARTIFACT_NAMES[fmt]} {path}"
+        )
+        return ArtifactResult(
+            format=fmt,
+            artifact=ARTIFACT_NAMES[fmt],
+            path=path,
+            size_bytes=artifact_size(path),
+            max_abs_error=max_err,
+            mean_abs_error=mean_err,
+            agreement=agreement,
+            metric=score(got),
+            passed=bool(finite and max_err <= atol),
+            judged_by=f"max abs error <= {atol:g}",
+            method=_METHODS[fmt],
+            n_samples=n,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="dlmodels-repo-") as scratch:
+        if "keras" in targets:
+            path = export.to_keras(model, targets["keras"], overwrite=overwrite)
+            loaded = _reload_keras(path)
+            got = export.keras_outputs(loaded, feeds, batch_size=batch_size)
+            results.append(fp32_result("keras", path, got))
+        if "saved_model" in targets:
+            path = export.to_saved_model(model, targets["saved_model"], overwrite=overwrite)
+            got = _saved_model_outputs(path, feeds, batch_size)
+            results.append(fp32_result("saved_model", path, got))
+        onnx_path = None
+        if "onnx" in targets or "int8" in targets:
+            onnx_path = targets.get("onnx", Path(scratch) / "model.onnx")
+            export.to_onnx(model, onnx_path, opset=opset, overwrite=overwrite)
+        verify_kw = {"labels": labels, "metric": metric, "expected": expected}
+        if "onnx" in targets:
+            report = export.verify(model, onnx_path, feeds, atol=atol, **verify_kw)
+            results.append(
+                ArtifactResult(
+                    format="onnx",
+                    artifact=ARTIFACT_NAMES["onnx"],
+                    path=Path(onnx_path),
+                    size_bytes=artifact_size(onnx_path),
+                    max_abs_error=report.max_abs_error,
+                    mean_abs_error=report.mean_abs_error,
+                    agreement=report.agreement,
+                    metric=report.metric_onnx,
+                    passed=report.passed,
+                    judged_by=f"max abs error <= {atol:g}",
+                    method=_METHODS["onnx"],
+                    n_samples=n,
+                )
+            )
+        if "int8" in targets:
+            q = export.quantize_with_report(
+                onnx_path,
+                targets["int8"],
+                calibration=feeds if calibration is None else calibration,
+                mode="static",
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                max_calibration_samples=max_calibration_samples,
+                overwrite=overwrite,
+            )
+            report = export.verify(model, q.path, feeds, atol=np.inf, **verify_kw)
+            agreement, int8_metric = report.agreement, report.metric_onnx
+            bars, ok = [], report.passed  # with atol=inf: every output finite
+            if agreement is not None and int8_min_agreement is not None:
+                bars.append(f"argmax agreement >= {int8_min_agreement:g}")
+                ok = ok and agreement >= int8_min_agreement
+            if int8_metric is not None and keras_metric is not None:
+                bars.append(f"{metric_name} drop <= {int8_max_metric_drop:g}")
+                ok = ok and keras_metric - int8_metric <= int8_max_metric_drop
+            results.append(
+                ArtifactResult(
+                    format="int8",
+                    artifact=ARTIFACT_NAMES["int8"],
+                    path=q.path,
+                    size_bytes=artifact_size(q.path),
+                    max_abs_error=report.max_abs_error,
+                    mean_abs_error=report.mean_abs_error,
+                    agreement=agreement,
+                    metric=int8_metric,
+                    passed=bool(ok),
+                    judged_by=" and ".join(bars) or "finite outputs (no classes, no metric)",
+                    method=_METHODS["int8"],
+                    n_samples=n,
+                    quantization=q.settings(),
+                )
+            )
+
+        keras_p50 = None
+        if benchmark:
+            keras_p50 = _benchmark(model, feeds, results, iters=bench_iters, warmup=bench_warmup)
+
+    entries = [
+        ArtifactEntry(
+            format=r.format,
+            path=r.path,
+            max_abs_error=r.max_abs_error,
+            metric_before=keras_metric,
+            metric_after=r.metric,
+            metric_name=metric_name,
+            parity={
+                "mean_abs_error_vs_keras": r.mean_abs_error,
+                "argmax_agreement": r.agreement,
+                "n_samples": r.n_samples,
+                "passed": r.passed,
+                "judged_by": r.judged_by,
+                "method": r.method,
+            },
+            output_kinds=kinds,
+            task=task,
+            num_classes=num_classes,
+            quantization=r.quantization,
+            extra={
+                "artifact": r.artifact,
+                **({"p50_ms": r.p50_ms} if r.p50_ms is not None else {}),
+                **({"speedup_vs_keras": r.speedup_vs_keras} if r.p50_ms is not None else {}),
+                **({"keras_p50_ms": keras_p50} if keras_p50 is not None else {}),
+            },
+        )
+        for r in results
+    ]
+    write_manifest(manifest_path, entries, model=model, overwrite=overwrite)
+    return RepositoryReport(
+        output_dir=output_dir,
+        manifest_path=manifest_path,
+        artifacts=results,
+        task=task,
+        num_classes=num_classes,
+        output_kinds=kinds,
+        metric_name=metric_name,
+        keras_metric=keras_metric,
+        n_samples=n,
+        keras_p50_ms=keras_p50,
+    )
+
+
+def _benchmark(model, feeds, results, *, iters: int, warmup: int) -> float:
+    """Batch-1 latency of Keras and each artifact, interleaved in one run; fills p50_ms."""
+    from dlmodels import bench
+
+    x = {k: v[:1] for k, v in feeds.items()}
+    predictors: dict[str, Callable] = {BASELINE: bench.keras_predictor(model)}
+    for r in results:
+        if r.format == "saved_model":
+            predictors[r.artifact] = _saved_model_predictor(r.path)
+        elif r.format in ("onnx", "int8"):
+            predictors[r.artifact] = bench.ort_predictor(r.path)
+    timings = bench.compare_predictors(predictors, x, warmup=warmup, iters=iters)
+    base = timings[BASELINE]["p50_ms"]
+    for r in results:
+        t = timings.get(r.artifact)
+        if t is not None:
+            r.p50_ms = t["p50_ms"]
+            r.speedup_vs_keras = base / t["p50_ms"] if t["p50_ms"] > 0 else None
+    return base

@@ -1,0 +1,142 @@
+"""write_repository: one pipeline for any functional model, each artifact run and compared."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from dlmodels import export
+from tests.export._tiny import images
+
+
+def _int_input_model():
+    """A float image and integer token ids in, a segmentation map and a softmax score out."""
+    keras.utils.set_random_seed(3)
+    image = keras.Input((16, 16, 3), name="image")
+    tokens = keras.Input((4,), dtype="int32", name="tokens")
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(image)
+    mask = keras.layers.Conv2D(3, 1, name="mask")(x)
+    emb = keras.layers.Flatten()(keras.layers.Embedding(10, 2, name="embed")(tokens))
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    merged = keras.layers.Concatenate()([pooled, emb])
+    score = keras.layers.Dense(2, activation="softmax", name="score")(merged)
+    return keras.Model([image, tokens], [mask, score], name="mixed_io")
+
+
+def _samples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": images(n, seed), "tokens": rng.integers(0, 10, (n, 4)).astype("int64")}
+
+
+def test_integer_and_float_inputs_two_outputs_every_format(tmp_path):
+    model = _int_input_model()
+    report = export.write_repository(
+        model, tmp_path, samples=_samples(6), calibration=_samples(8, seed=1)
+    )
+    assert report.formats == ["keras", "saved_model", "onnx", "int8"]
+    assert report.passed, report.failures()
+    for fmt in ("keras", "saved_model", "onnx"):
+        assert report[fmt].max_abs_error <= 1e-4, fmt
+    assert report["int8"].agreement >= 0.9
+    manifest = json.loads(report.manifest_path.read_text())
+    arts = {a["format"]: a for a in manifest["artifacts"]}
+    assert set(arts) == {"keras", "saved_model", "onnx", "int8"}
+    for fmt, a in arts.items():
+        ins = {i["name"]: i for i in a["inputs"]}
+        outs = {o["name"]: o for o in a["outputs"]}
+        assert ins["tokens"]["dtype"] == "int32" and ins["image"]["dtype"] == "float32", fmt
+        assert outs["mask"]["output_kind"] == "logits", fmt
+        assert outs["score"]["output_kind"] == "softmax", fmt
+        assert a["task"] == "segmentation" and a["num_classes"] == 3
+        assert a["parity"]["n_samples"] == 6 and a["parity"]["passed"] is True
+    assert arts["int8"]["quantization"]["calibration_samples"] == 8
+    assert arts["int8"]["quantization"]["activation_type"] == "uint8"
+    assert "quantization" not in arts["onnx"]
+    assert arts["keras"]["parity"]["method"].startswith("reloaded")
+    # The TensorFlow-free reader of dlmodels.runtime understands every new key.
+    from dlmodels.runtime.manifest import load_manifest
+
+    read = {a.format: a for a in load_manifest(report.manifest_path).artifacts}
+    assert read["int8"].quantization["reduce_range"] in (True, False)
+    assert (read["onnx"].task, read["onnx"].num_classes) == ("segmentation", 3)
+    assert [o.output_kind for o in read["saved_model"].outputs] == ["logits", "softmax"]
+
+
+def test_keras_row_is_measured_on_the_reloaded_file(model, tmp_path, monkeypatch):
+    """A faked `.keras` row (error 0 without reading the file) would not see this perturbation."""
+    calls = []
+    real = keras.saving.load_model
+
+    def perturbed(path, *args, **kwargs):
+        calls.append(kwargs.get("safe_mode"))
+        loaded = real(path, *args, **kwargs)
+        kernel = loaded.get_layer("logits").kernel
+        kernel.assign(kernel.numpy() + 0.5)
+        return loaded
+
+    x = images(3, seed=4)
+    clean = export.write_repository(model, tmp_path / "clean", formats=["keras"], samples=x)
+    assert clean["keras"].max_abs_error <= 1e-6 and clean.passed
+    monkeypatch.setattr(keras.saving, "load_model", perturbed)
+    bad = export.write_repository(model, tmp_path / "bad", formats=["keras"], samples=x)
+    assert calls == [True]  # reloaded once, in safe mode
+    assert bad["keras"].max_abs_error > 0.1
+    assert not bad.passed
+    saved = json.loads(bad.manifest_path.read_text())["artifacts"][0]
+    assert saved["parity"]["max_abs_error_vs_keras"] == bad["keras"].max_abs_error
+
+
+def test_metric_on_keras_and_every_artifact(model, tmp_path):
+    x = images(4, seed=6)
+    labels = np.argmax(model.predict(x, verbose=0), -1)
+
+    def pixel_accuracy(y, logits):
+        return float(np.mean(np.argmax(logits, -1) == y))
+
+    report = export.write_repository(
+        model,
+        tmp_path,
+        formats="onnx,int8",
+        samples=x,
+        labels=labels,
+        metric=pixel_accuracy,
+        calibration=images(16, seed=7),
+        int8_max_metric_drop=0.5,
+    )
+    assert report.keras_metric == 1.0 and report["onnx"].metric == 1.0
+    (int8_logits,) = export.onnx_predict(report["int8"].path, x)
+    assert report["int8"].metric == pixel_accuracy(labels, int8_logits)  # the file's own outputs
+    assert 0.5 <= report["int8"].metric <= 1.0
+    assert "pixel_accuracy drop <= 0.5" in report["int8"].judged_by
+    arts = json.loads(report.manifest_path.read_text())["artifacts"]
+    assert [a["format"] for a in arts] == ["onnx", "int8"]
+    assert arts[1]["metric"] == {
+        "name": "pixel_accuracy",
+        "keras": 1.0,
+        "artifact": report["int8"].metric,
+    }
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_refuses_existing_targets_before_any_work(model, tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"manifest\.json"):
+        export.write_repository(model, tmp_path, formats=["onnx"], samples=images(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+@pytest.mark.parametrize(
+    ("samples", "kwargs", "match"),
+    [
+        (np.zeros((2, 8, 8, 3), "float32"), {}, r"input 'image' .*\(None, 16, 16, 3\)"),
+        (np.zeros((16, 16, 3), "float32"), {}, "add the batch axis"),
+        ({"img": np.zeros((2, 16, 16, 3))}, {}, "missing"),
+        (np.zeros((2, 16, 16, 3)), {"formats": ["tflite"]}, "choose one or more"),
+        (np.zeros((2, 16, 16, 3)), {"metric": lambda y, o: 0.0}, "without labels"),
+    ],
+)
+def test_clear_value_errors(model, tmp_path, samples, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export.write_repository(model, tmp_path, samples=samples, **kwargs)
+    assert list(tmp_path.iterdir()) == []
