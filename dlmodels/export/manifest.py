@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dlmodels.export._atomic import atomic_write_text
-
-MANIFEST_VERSION = 1
+from dlmodels.runtime.manifest import MANIFEST_VERSION, ONNX_FORMATS
 
 _TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "dlmodels")
 
@@ -72,7 +71,7 @@ def describe_io(path: str | os.PathLike, fmt: str, model=None) -> dict:
     """Input/output names, shapes and dtypes read from the artifact itself (ONNX graph,
     SavedModel signature); for `.keras` files, from `model` when given."""
     path = Path(path)
-    if fmt in ("onnx", "int8", "fp16", "dynamic") or path.suffix == ".onnx":
+    if fmt in ONNX_FORMATS or path.suffix == ".onnx":
         from dlmodels.export.onnx import onnx_io
 
         return onnx_io(path)

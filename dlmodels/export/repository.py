@@ -29,6 +29,7 @@ from dlmodels.export.manifest import (
     write_manifest,
 )
 from dlmodels.export.onnx import DEFAULT_OPSET
+from dlmodels.runtime.manifest import MANIFEST_FILENAME
 
 FORMATS = ("keras", "saved_model", "onnx", "int8")
 """Formats `write_repository` writes, in the order it writes them."""
@@ -53,7 +54,6 @@ ARTIFACT_NAMES = {
 BASELINE = "keras (TF)"
 """Display name of the in-memory Keras model every artifact is compared with."""
 
-MANIFEST_NAME = "manifest.json"
 
 _METHODS = {
     "keras": "reloaded with keras.saving.load_model(safe_mode=True)",
@@ -417,7 +417,7 @@ def write_repository(
         metric_name = getattr(metric, "__name__", "metric")
     output_dir = Path(output_dir)
     targets = {f: output_dir / ARTIFACT_PATHS[f] for f in wanted}
-    manifest_path = output_dir / MANIFEST_NAME
+    manifest_path = output_dir / MANIFEST_FILENAME
     for target in [*targets.values(), manifest_path]:
         check_target(target, overwrite=overwrite)
     found_task, found_classes = model_task(model)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-_WORKER = Path(__file__).with_name("_ort_worker.py")
+_WORKER_MODULE = "dlmodels.runtime.worker"
+"""Runs an ONNX file in a fresh process that imports only numpy and onnxruntime."""
 
 
 class VerificationError(AssertionError):
@@ -121,7 +122,7 @@ def _run_worker(path: Path, inputs) -> tuple[list[np.ndarray], list[str], bool]:
         in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         np.savez(in_path, **feeds)
         proc = subprocess.run(
-            [sys.executable, str(_WORKER), str(path.resolve()), in_path, out_path],
+            [sys.executable, "-m", _WORKER_MODULE, str(path.resolve()), in_path, out_path],
             cwd=tmp,
             capture_output=True,
             text=True,

@@ -250,7 +250,7 @@ def test_cli_says_what_to_install_without_tensorflow():
 
 @pytest.mark.parametrize("keys", ["positional", "named"])
 def test_worker_runs_an_exported_file_without_tensorflow(exported, tmp_path, keys):
-    """`python -m dlmodels.runtime.worker` keeps `dlmodels/export/_ort_worker.py`'s contract."""
+    """`python -m dlmodels.runtime.worker`: the fresh-process worker behind export.verify."""
     manifest, expected_npz, output_names = exported
     with np.load(expected_npz) as data:
         expected = {k: data[k] for k in data.files}
