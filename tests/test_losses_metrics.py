@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from dlmodels import losses, metrics
+from dlmodels.training import resolve_strategy
 
 
 def _softmax(x):
@@ -134,7 +135,7 @@ def test_mean_iou_serializes_and_validates():
 
 
 def test_mean_iou_accumulates_across_replicas():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = resolve_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, (4, 6, 6))
     logits = rng.standard_normal((4, 6, 6, 3)).astype("float32")

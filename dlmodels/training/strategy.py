@@ -8,6 +8,7 @@ into `MultiWorkerMirroredStrategy` without code changes.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 
@@ -28,6 +29,24 @@ def num_workers_from_tf_config(tf_config: str | None = None) -> int:
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster' key: {raw!r}") from err
     return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+_COLLECTIVE_KEY_BASES = itertools.count(1)
+
+
+class _MirroredStrategy(tf.distribute.MirroredStrategy):
+    """`MirroredStrategy` with collective keys of its own.
+
+    Every `tf.distribute.MirroredStrategy` in a process starts its collective group and
+    instance keys at the same numbers, and TensorFlow caches each (group, instance)'s shape: a
+    second strategy over the same devices whose collectives differ in shape (another model,
+    synchronised BatchNorm) aborts with "Shape mismatch in the collective instance". Tests and
+    notebooks build several strategies in one process, so each one here gets its own key range.
+    """
+
+    def __init__(self, devices=None, cross_device_ops=None):
+        self._collective_key_base = next(_COLLECTIVE_KEY_BASES) * 10_000
+        super().__init__(devices, cross_device_ops)
 
 
 def _communication_options(timeout):
@@ -139,7 +158,7 @@ def resolve_strategy(
             )
         return tf.distribute.OneDeviceStrategy(device)
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices)
+        return _MirroredStrategy(devices)
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=_communication_options(communication_timeout)

@@ -2,12 +2,14 @@
 
 Keras 3's `model.fit` breaks under `MultiWorkerMirroredStrategy` (keras-team/keras#20585), so
 this loop drives training itself with the tf.distribute primitives that work under every
-strategy: `experimental_distribute_dataset`, `strategy.run` inside a `tf.function`, per-example
-losses averaged over the *global* batch (`tf.nn.compute_average_loss`) and regularisation
-losses divided by the number of replicas, so the all-reduced (summed) gradients equal the
-single-device gradients of the same global batch.
+strategy: `experimental_distribute_dataset` and `strategy.run` inside a `tf.function`. What a
+step computes belongs to a `Task` (`SupervisedTask`, `VAETask`, `GANTask`); the step's
+distributed maths (global-batch averaging, regularisation / replicas, loss scaling, global-batch
+noise) to its `StepContext`, so the summed gradients equal one device's on the same global
+batch. The Trainer adds what Keras 3 leaves per replica: BatchNormalization statistics
+(synchronised across replicas while stepping) and random seeds (folded with the replica id).
 
-The model (and a given optimizer) must be created under `strategy.scope()` by the caller:
+The model(s) (and any given optimizer) must be created under `strategy.scope()` by the caller:
 
     strategy = resolve_strategy("auto")
     with strategy.scope():
@@ -17,187 +19,175 @@ The model (and a given optimizer) must be created under `strategy.scope()` by th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-import keras
 import tensorflow as tf
 
-from dlmodels._validation import check_choice, check_positive_int
-from dlmodels.metrics import MeanIoU
+from dlmodels._validation import check_positive_int
+from dlmodels.training.context import StepContext
+from dlmodels.training.replicas import (
+    fold_seeds_per_replica,
+    seed_state_variables,
+    synchronized_batch_norm,
+)
 from dlmodels.training.strategy import is_chief
+from dlmodels.training.tasks import SUPERVISED_TASKS, SupervisedTask, Task
 
-TASKS = ("segmentation", "classification")
-
-
-def _first_output(outputs):
-    if isinstance(outputs, dict):
-        return next(iter(outputs.values()))
-    if isinstance(outputs, list | tuple):
-        return outputs[0]
-    return outputs
-
-
-def _per_example_loss_fn(loss):
-    """Wrap `loss` to return one float32 value per example, shape `(batch,)`.
-
-    Keras `Loss` objects are rebuilt with `reduction=None`; their per-element output (per pixel
-    for segmentation) is averaged over the non-batch axes. Plain callables are treated alike.
-    """
-    if isinstance(loss, keras.losses.Loss):
-        config = {**loss.get_config(), "reduction": None}
-        loss = type(loss).from_config(config)
-    elif isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    if not callable(loss):
-        raise ValueError(
-            f"Trainer: `loss`={loss!r} is not a keras.losses.Loss, loss name or callable."
-        )
-
-    def per_example(y_true, y_pred):
-        values = tf.cast(loss(y_true, tf.cast(y_pred, tf.float32)), tf.float32)
-        if values.shape.rank is not None and values.shape.rank > 1:
-            values = tf.reduce_mean(values, axis=tf.range(1, tf.rank(values)))
-        return values
-
-    return per_example
-
-
-def _num_classes(model):
-    channels = _first_output(model.outputs if model.outputs else [None])
-    if channels is None or channels.shape[-1] is None:
-        raise ValueError(
-            "Trainer: cannot infer num_classes from the model's outputs; pass `metrics=` "
-            "explicitly."
-        )
-    return int(channels.shape[-1])
+TASKS = SUPERVISED_TASKS
 
 
 class Trainer:
-    """Train and evaluate a Keras model under any `tf.distribute` strategy with a custom loop.
+    """Train and evaluate a `Task` (or one Keras model) under any `tf.distribute` strategy.
 
     `fit(epochs=N)` trains until N epochs are done in total: a Trainer that already ran (or
-    restored) k epochs runs N - k more, which is what resuming from a checkpoint needs.
+    restored) k epochs runs N - k more, which is what resuming from a checkpoint needs. The
+    number of batches trained (`step`, saved in every checkpoint with the epoch and the
+    position inside it) is the truth of progress: a run resumed from a checkpoint written
+    mid-epoch continues the same epoch at the next batch (deterministic input pipelines then
+    reproduce an uninterrupted run exactly).
 
     Works under the default strategy, `OneDeviceStrategy`, `MirroredStrategy`,
     `MultiWorkerMirroredStrategy` and `TPUStrategy`. For TPUs use datasets with a static batch
-    dimension (`drop_remainder=True`). Under mixed precision (`mixed_float16`) the optimizer is
-    wrapped in `keras.optimizers.LossScaleOptimizer` and the loss is computed in float32.
+    dimension (`drop_remainder=True`). Under mixed precision (`mixed_float16`) optimizers are
+    wrapped in `keras.optimizers.LossScaleOptimizer` and losses are computed in float32.
 
     Args:
-        model: a built Keras model created under `strategy.scope()`, outputting logits.
+        model: a `Task`, or a built Keras model created under `strategy.scope()`, outputting
+            logits (or probabilities: the loss follows `output_kind`), for a `SupervisedTask`
+            made from `task`, `loss`, `optimizer`, `metrics` and `ignore_index`.
         task: "segmentation" (labels `(B, H, W)`, outputs `(B, H, W, C)`) or "classification"
-            (labels `(B,)`, outputs `(B, C)`).
-        loss: a `keras.losses.Loss`, loss name or callable `(y_true, y_pred) -> values`; default
-            sparse categorical cross-entropy from logits. Its per-example values are averaged
-            over the global batch.
-        optimizer: a Keras optimizer created under the strategy's scope, a name, or None for
-            `Adam(1e-3)`.
-        metrics: Keras metrics created under the strategy's scope, or None: `MeanIoU` (classes
-            from the model's output channels) and pixel accuracy for segmentation, accuracy for
-            classification.
-        strategy: the strategy the model was built under; default `tf.distribute.get_strategy()`.
-        checkpoint_dir: where `tf.train.CheckpointManager` saves after every epoch and from where
-            `fit` resumes. Under multi-worker training only the chief writes there.
+            (labels `(B,)`, outputs `(B, C)`); only with a model.
+        loss, optimizer, metrics, ignore_index: see `SupervisedTask`; only with a model.
+        strategy: the strategy the models were built under; default
+            `tf.distribute.get_strategy()`.
+        checkpoint_dir: where `tf.train.CheckpointManager` saves (every `checkpoint_every`
+            steps and after every epoch, numbered by step) and from where `fit` resumes. Under
+            multi-worker training only the chief writes there.
+        checkpoint_every: save every this many steps too (None: at epoch ends only).
         max_checkpoints: checkpoints to keep.
+        sync_batch_norm: "auto" (when more than one replica), True or False: run every
+            BatchNormalization of the task's models with `synchronized=True` while stepping,
+            so batch moments are those of the global batch and moving statistics are equal on
+            all replicas (Keras 3 keeps them per replica otherwise).
         progress: show a progress bar on a terminal (one line per epoch otherwise).
+        progress_every: the bar reads the loss from the device every this many steps.
+
+    Raises:
+        ValueError: bad arguments, models or optimizers not created under `strategy`.
     """
 
     def __init__(
         self,
         model,
         *,
-        task="segmentation",
+        task=None,
         loss=None,
         optimizer=None,
         metrics=None,
+        ignore_index=None,
         strategy=None,
         checkpoint_dir=None,
+        checkpoint_every=None,
         max_checkpoints=3,
+        sync_batch_norm="auto",
         progress=True,
+        progress_every=10,
     ):
-        self.task = check_choice("task", task, TASKS, owner="Trainer")
+        if isinstance(model, Task):
+            given = {
+                "task": task,
+                "loss": loss,
+                "optimizer": optimizer,
+                "metrics": metrics,
+                "ignore_index": ignore_index,
+            }
+            extra = [k for k, v in given.items() if v is not None]
+            if extra:
+                raise ValueError(
+                    f"Trainer: {', '.join(f'`{k}`' for k in extra)} apply when the first "
+                    f"argument is a Keras model, not a {type(model).__name__}. Pass them to the "
+                    "task's constructor instead."
+                )
+            self.task = model
+        else:
+            self.task = SupervisedTask(
+                model,
+                task="segmentation" if task is None else task,
+                loss=loss,
+                optimizer=optimizer,
+                metrics=metrics,
+                ignore_index=ignore_index,
+            )
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.model = model
         self.progress = bool(progress)
-        self._check_model_strategy()
+        self.progress_every = check_positive_int("progress_every", progress_every, owner="Trainer")
+        if sync_batch_norm not in ("auto", True, False):
+            raise ValueError(
+                f"Trainer: `sync_batch_norm`={sync_batch_norm!r} must be 'auto' (synchronise "
+                "when there is more than one replica), True or False."
+            )
+        if sync_batch_norm == "auto":
+            sync_batch_norm = self.strategy.num_replicas_in_sync > 1
+        self.sync_batch_norm = bool(sync_batch_norm)
+        self.task.build(self.strategy)
         with self.strategy.scope():
-            self.optimizer = self._make_optimizer(optimizer)
-            # Built here, in cross-replica context, so slot variables are mirrored and exist
-            # before a checkpoint restore.
-            if not self.optimizer.built:
-                self.optimizer.build(model.trainable_variables)
-            self.metrics = self._make_metrics(metrics)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self._loss = _per_example_loss_fn(
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True) if loss is None else loss
-        )
+            self.epoch_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_step")
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.checkpoint_every = (
+            None
+            if checkpoint_every is None
+            else check_positive_int("checkpoint_every", checkpoint_every, owner="Trainer")
+        )
         self.max_checkpoints = check_positive_int(
             "max_checkpoints", max_checkpoints, owner="Trainer"
         )
         self._manager = None
         self._restored = None
+        self._seeds_folded = False
         self._train_fn = None
         self._eval_fn = None
+        self._last_saved_step = None
         if self.checkpoint_dir is not None:
+            # Keras' SeedGenerator is not trackable: its state (dropout / stochastic depth
+            # stream) is unreachable from the model, so it is listed here, in layer order, for
+            # a resumed run to draw the masks the uninterrupted run would have drawn.
+            seeds = {
+                name: seed_state_variables([model]) for name, model in self.task.models.items()
+            }
             self.checkpoint = tf.train.Checkpoint(
-                model=model, optimizer=self.optimizer, step=self.step, epoch=self.epoch
+                **self.task.checkpoint_items(),
+                seed_states={k: v for k, v in seeds.items() if v},
+                step=self.step,
+                epoch=self.epoch,
+                epoch_step=self.epoch_step,
             )
             self._manager = self._make_manager()
 
-    # -- construction ------------------------------------------------------------------------
-    def _check_model_strategy(self):
-        extended = self.strategy.extended
-        for v in self.model.weights:
-            if not extended.variable_created_in_scope(getattr(v, "value", v)):
-                raise ValueError(
-                    f"Trainer: the model's variable {v.path!r} was not created under the "
-                    f"Trainer's strategy ({type(self.strategy).__name__}). Build the model inside "
-                    "`with strategy.scope():` and pass the same strategy to Trainer."
-                )
+    # -- the task's parts --------------------------------------------------------------------
+    @property
+    def models(self) -> list:
+        return list(self.task.models.values())
 
-    def _make_optimizer(self, optimizer):
-        if optimizer is None:
-            optimizer = keras.optimizers.Adam(1e-3)
-        elif isinstance(optimizer, str):
-            optimizer = keras.optimizers.get(optimizer)
-        elif not isinstance(optimizer, keras.optimizers.Optimizer):
-            raise ValueError(
-                f"Trainer: `optimizer`={optimizer!r} must be a keras optimizer, a name or None."
-            )
-        # Keras' TF optimizer records the strategy it was created under and all-reduces through
-        # it; one made outside the scope would silently skip the cross-replica gradient sum.
-        made_under = getattr(optimizer, "_distribution_strategy", self.strategy)
-        if made_under is not self.strategy:
-            raise ValueError(
-                "Trainer: the optimizer was created outside the Trainer's strategy scope. Create "
-                "it inside `with strategy.scope():` (or pass optimizer=None / a name)."
-            )
-        mixed = self.model.compute_dtype == "float16"
-        if mixed and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        return optimizer
+    @property
+    def model(self):
+        """The task's (first) model."""
+        return self.models[0]
 
-    def _make_metrics(self, metrics):
-        if metrics is not None:
-            return list(metrics)
-        if self.task == "segmentation":
-            # TPUs have no float64.
-            tpu = isinstance(self.strategy, tf.distribute.TPUStrategy)
-            return [
-                MeanIoU(
-                    _num_classes(self.model),
-                    accumulator_dtype="float32" if tpu else "float64",
-                    name="mean_iou",
-                ),
-                keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
-            ]
-        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    @property
+    def optimizer(self):
+        """The task's (first) optimizer."""
+        return next(iter(self.task.optimizers.values()))
+
+    @property
+    def metrics(self) -> list:
+        return self.task.metrics
 
     def _make_manager(self):
         directory = self.checkpoint_dir
@@ -212,95 +202,74 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def restore(self) -> int:
-        """Restore the latest checkpoint in `checkpoint_dir`, if any; return the number of epochs
-        done (0 for a fresh run; without `checkpoint_dir`, the epochs this Trainer has run).
-
-        All workers read the chief's checkpoint.
-        """
-        if self._manager is None:
-            return int(self.epoch.numpy())
-        latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-        if latest is not None and latest != self._restored:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            self._restored = latest
+        """Restore the latest checkpoint in `checkpoint_dir`, if any; return the number of
+        complete epochs (0 for a fresh run; without `checkpoint_dir`, the epochs this Trainer
+        has run). All workers read the chief's checkpoint."""
+        if self._manager is not None:
+            latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+            if latest is not None and latest != self._restored:
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+                self._restored = latest
+                self._last_saved_step = int(self.step.numpy())
+                # A restore writes replica 0's (unfolded) seed states to every replica.
+                self._seeds_folded = False
         return int(self.epoch.numpy())
 
-    def _save(self):
-        path = self._manager.save(checkpoint_number=int(self.epoch.numpy()))
+    def _save(self, step):
+        path = self._manager.save(checkpoint_number=step)
+        self._last_saved_step = step
         if not self._is_chief:
             shutil.rmtree(self._manager.directory, ignore_errors=True)
         return path
 
+    def _prepare_replicas(self):
+        if not self._seeds_folded:
+            fold_seeds_per_replica(self.strategy, self.models)
+            self._seeds_folded = True
+
+    @contextlib.contextmanager
+    def _stepping(self):
+        with synchronized_batch_norm(self.models, enabled=self.sync_batch_norm):
+            yield
+
     # -- steps -------------------------------------------------------------------------------
-    def _global_batch_size(self, x):
-        """Static when known (TPU, drop_remainder), else summed over replicas: the last partial
-        batch splits unevenly and each replica must divide by the true global size."""
-        local = tf.nest.flatten(x)[0].shape[0]
-        if local is not None:
-            # A static per-replica size means every replica got the same share.
-            return local * self.strategy.num_replicas_in_sync
-        return tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, tf.shape(tf.nest.flatten(x)[0])[0]
-        )
-
     def _build_train_fn(self):
-        model, optimizer, strategy = self.model, self.optimizer, self.strategy
-        scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        strategy, task = self.strategy, self.task
 
-        def step_fn(x, y):
-            global_batch = self._global_batch_size(x)
-            with tf.GradientTape() as tape:
-                logits = _first_output(model(x, training=True))
-                per_example = self._loss(y, logits)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-                if model.losses:
-                    loss += tf.nn.scale_regularization_loss(
-                        tf.add_n([tf.cast(v, tf.float32) for v in model.losses])
-                    )
-                scaled = optimizer.scale_loss(loss) if scale_loss else loss
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-            logits = tf.cast(logits, tf.float32)
-            for metric in self.metrics:
-                metric.update_state(y, logits)
-            return loss
+        def replica_fn(batch):
+            return task.train_step(batch, StepContext(strategy, batch))
 
         @tf.function(reduce_retracing=True)
         def train_fn(batch):
-            x, y = batch
-            per_replica = strategy.run(step_fn, args=(x, y))
+            per_replica = strategy.run(replica_fn, args=(batch,))
+            logs = {
+                k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()
+            }
             self.step.assign_add(1)
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            self.epoch_step.assign_add(1)
+            return logs
 
         return train_fn
 
     def _build_eval_fn(self):
-        model, strategy = self.model, self.strategy
+        strategy, task = self.strategy, self.task
 
-        def step_fn(x, y):
-            logits = tf.cast(_first_output(model(x, training=False)), tf.float32)
-            per_example = self._loss(y, logits)
-            for metric in self.metrics:
-                metric.update_state(y, logits)
-            return tf.reduce_sum(per_example), tf.cast(tf.shape(per_example)[0], tf.float32)
+        def replica_fn(batch):
+            ctx = StepContext(strategy, batch)
+            return task.eval_step(batch, ctx), tf.cast(ctx.local_batch_size, tf.float32)
 
         @tf.function(reduce_retracing=True)
         def eval_fn(batch):
-            x, y = batch
-            total, count = strategy.run(step_fn, args=(x, y))
+            logs, count = strategy.run(replica_fn, args=(batch,))
             reduce = tf.distribute.ReduceOp.SUM
-            return strategy.reduce(reduce, total, axis=None), strategy.reduce(
-                reduce, count, axis=None
+            count = strategy.reduce(reduce, count, axis=None)
+            # Each batch's logs are means over it; weight by its size for the dataset mean.
+            return {k: strategy.reduce(reduce, v, axis=None) * count for k, v in logs.items()}, (
+                count
             )
 
         return eval_fn
-
-    def _metric_logs(self, prefix=""):
-        return {prefix + m.name: float(m.result()) for m in self.metrics}
-
-    def _reset_metrics(self):
-        for metric in self.metrics:
-            metric.reset_state()
 
     # -- public ------------------------------------------------------------------------------
     def fit(
@@ -316,19 +285,23 @@ class Trainer:
         """Train until `epochs` epochs are done in total, resuming from `checkpoint_dir`.
 
         Args:
-            train_ds: `tf.data.Dataset` of `(inputs, labels)` batches of the *global* batch
-                size. A finite dataset is iterated once per epoch; an infinite (repeated) one
-                needs `steps_per_epoch`.
+            train_ds: `tf.data.Dataset` of batches of the *global* batch size (`(inputs,
+                labels)` for supervised tasks). A finite dataset is iterated once per epoch; an
+                infinite (repeated) one needs `steps_per_epoch`.
             val_ds: optional validation dataset, evaluated after every epoch.
             epochs: the total epoch count; a resumed run only runs the remaining epochs.
-            steps_per_epoch: batches per epoch (the iterator then persists across epochs).
+            steps_per_epoch: batches per epoch (one iterator then runs across epochs).
             validation_steps: batches per validation (default: the whole `val_ds`).
             callbacks: objects with `on_epoch_end(epoch, logs)` (e.g. Keras callbacks) or
                 callables `fn(epoch, logs)`, called after each epoch with its logs.
 
+        On resume the batches already trained are skipped (`Dataset.skip`): the rest of the
+        interrupted epoch for a finite dataset, all `step` batches of a repeated one.
+
         Returns:
-            History: a dict of lists, one entry per epoch run now: "epoch" (1-based), "loss",
-            the metrics, "val_loss" / "val_<metric>" with `val_ds`, and "seconds".
+            History: a dict of lists, one entry per epoch run now: "epoch" (1-based), the
+            task's logs (e.g. "loss"; means over the epoch's steps run now), the metrics,
+            "val_<name>" with `val_ds`, and "seconds".
         """
         epochs = check_positive_int("epochs", epochs, owner="Trainer.fit")
         if steps_per_epoch is not None:
@@ -336,41 +309,66 @@ class Trainer:
                 "steps_per_epoch", steps_per_epoch, owner="Trainer.fit"
             )
         start_epoch = self.restore()
+        self._prepare_replicas()
         if self._train_fn is None:
             self._train_fn = self._build_train_fn()
-        dist_train = self.strategy.experimental_distribute_dataset(train_ds)
-        persistent = iter(dist_train) if steps_per_epoch is not None else None
+        step = int(self.step.numpy())
+        done_in_epoch = int(self.epoch_step.numpy())
+        distribute = self.strategy.experimental_distribute_dataset
+        persistent = None
+        if steps_per_epoch is not None:
+            persistent = iter(distribute(train_ds.skip(step) if step else train_ds))
         total_steps = steps_per_epoch or self._cardinality(train_ds)
         history: dict[str, list] = {}
         for epoch in range(start_epoch, epochs):
             begin = time.perf_counter()
-            self._reset_metrics()
-            iterator = persistent if persistent is not None else iter(dist_train)
-            total, steps = 0.0, 0
-            with self._progress(f"epoch {epoch + 1}/{epochs}", total_steps) as advance:
-                while steps_per_epoch is None or steps < steps_per_epoch:
+            self.task.reset_metrics()
+            if persistent is not None:
+                iterator = persistent
+            else:
+                remaining = train_ds.skip(done_in_epoch) if done_in_epoch else train_ds
+                iterator = iter(distribute(remaining))
+            sums, steps, pending_save = {}, 0, False
+            with self._progress(
+                f"epoch {epoch + 1}/{epochs}", total_steps, done_in_epoch
+            ) as advance:
+                while steps_per_epoch is None or done_in_epoch + steps < steps_per_epoch:
                     batch = next(iterator, None)
                     if batch is None:
                         if steps_per_epoch is not None:
                             raise ValueError(
-                                f"Trainer.fit: train_ds ran out after {steps} of "
+                                f"Trainer.fit: train_ds ran out after {done_in_epoch + steps} of "
                                 f"steps_per_epoch={steps_per_epoch} batches. Use a repeated "
                                 "dataset or fewer steps_per_epoch."
                             )
                         break
-                    loss = float(self._train_fn(batch))
-                    total += loss
+                    if pending_save:
+                        # Saved once the next batch exists: a checkpoint taken at the end of
+                        # an epoch is the epoch-end one, which records the finished epoch.
+                        self._save(step)
+                        pending_save = False
+                    with self._stepping():
+                        logs = self._train_fn(batch)
+                    # Summed on the device: no host synchronisation per step.
+                    sums = {k: sums[k] + v if k in sums else v for k, v in logs.items()}
                     steps += 1
-                    advance(loss)
-            if steps == 0:
+                    step += 1
+                    advance(logs, steps)
+                    if self._manager is not None and self.checkpoint_every:
+                        pending_save = step % self.checkpoint_every == 0
+            if steps == 0 and done_in_epoch == 0:
                 raise ValueError("Trainer.fit: train_ds yielded no batches.")
-            logs = {"epoch": epoch + 1, "loss": total / steps, **self._metric_logs()}
+            logs = {"epoch": epoch + 1}
+            logs.update({k: float(v) / max(steps, 1) for k, v in sums.items()})
+            logs.update(self.task.metric_logs())
             if val_ds is not None:
                 val = self.evaluate(val_ds, steps=validation_steps)
                 logs.update({f"val_{k}": v for k, v in val.items()})
             self.epoch.assign(epoch + 1)
+            self.epoch_step.assign(0)
+            done_in_epoch = 0
             if self._manager is not None:
-                self._save()
+                self._save(step)
             logs["seconds"] = time.perf_counter() - begin
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
@@ -383,22 +381,25 @@ class Trainer:
         return history
 
     def evaluate(self, ds, steps=None) -> dict:
-        """Mean per-example loss and the metrics over `ds` (or its first `steps` batches)."""
+        """Means of the task's evaluation logs over `ds` (or its first `steps` batches), each
+        batch weighted by its size, and the metrics."""
         if steps is not None:
             steps = check_positive_int("steps", steps, owner="Trainer.evaluate")
         if self._eval_fn is None:
             self._eval_fn = self._build_eval_fn()
-        self._reset_metrics()
-        total, count = 0.0, 0.0
+        self.task.reset_metrics()
+        sums, count = {}, None
         for done, batch in enumerate(self.strategy.experimental_distribute_dataset(ds)):
             if steps is not None and done >= steps:
                 break
-            batch_total, batch_count = self._eval_fn(batch)
-            total += float(batch_total)
-            count += float(batch_count)
-        if count == 0:
+            with self._stepping():
+                logs, batch_count = self._eval_fn(batch)
+            sums = {k: sums[k] + v if k in sums else v for k, v in logs.items()}
+            count = batch_count if count is None else count + batch_count
+        if count is None or float(count) == 0:
             raise ValueError("Trainer.evaluate: the dataset yielded no examples.")
-        return {"loss": total / count, **self._metric_logs()}
+        count = float(count)
+        return {**{k: float(v) / count for k, v in sums.items()}, **self.task.metric_logs()}
 
     @staticmethod
     def _cardinality(ds):
@@ -412,12 +413,12 @@ class Trainer:
     def _show(self):
         return self.progress and is_chief(self.strategy)
 
-    def _progress(self, description, total):
-        import contextlib
-
+    def _progress(self, description, total, completed=0):
         if not (self._show() and sys.stdout.isatty()):
-            return contextlib.nullcontext(lambda loss: None)
+            return contextlib.nullcontext(lambda logs, steps: None)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        every = self.progress_every
 
         @contextlib.contextmanager
         def bar():
@@ -425,11 +426,20 @@ class Trainer:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[shown]}"),
                 transient=True,
             ) as progress:
-                task = progress.add_task(description, total=total, loss=float("nan"))
-                yield lambda loss: progress.update(task, advance=1, loss=loss)
+                task = progress.add_task(description, total=total, completed=completed, shown="")
+
+                def advance(logs, steps):
+                    if steps % every == 1 or every == 1:
+                        # Reading a value waits for the device: only every `every` steps.
+                        shown = ", ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
+                        progress.update(task, advance=1, shown=shown)
+                    else:
+                        progress.update(task, advance=1)
+
+                yield advance
 
         return bar()
 

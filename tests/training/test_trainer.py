@@ -63,6 +63,28 @@ def test_mirrored_step_equals_single_device_step(l2):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm", "clipvalue"])
+def test_mirrored_gradient_clipping_equals_single_device(clip):
+    """Keras clips each replica's partial gradient before the all-reduce; the Trainer clips the
+    summed gradient, so two replicas take one device's clipped step."""
+    images, masks = shapes.load("train", image_size=SIZE, num_samples=8)
+    ds = tf.data.Dataset.from_tensor_slices((images, masks)).batch(8)
+    keras.utils.set_random_seed(0)
+    reference = tiny_model()
+    initial = reference.get_weights()
+    limit = {"clipnorm": 0.01, "global_clipnorm": 0.01, "clipvalue": 1e-4}[clip]
+    sgd = keras.optimizers.SGD(0.5, **{clip: limit})
+    Trainer(reference, optimizer=sgd, progress=False).fit(ds)
+    strategy = mirrored()
+    with strategy.scope():
+        model = tiny_model()
+        model.set_weights(initial)
+        sgd = keras.optimizers.SGD(0.5, **{clip: limit})
+    Trainer(model, optimizer=sgd, strategy=strategy, progress=False).fit(ds)
+    for got, want in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-7)
+
+
 def test_checkpoint_resume(tmp_path):
     train = shapes.dataset("train", batch_size=8, image_size=SIZE, num_samples=32)
     model = tiny_model()
@@ -83,7 +105,8 @@ def test_checkpoint_resume(tmp_path):
     resumed = second.fit(train, epochs=3)
     assert resumed["epoch"] == [3]  # only the remaining epoch ran
     assert int(second.optimizer.iterations.numpy()) == saved_iterations + 4
-    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-3")
+    # Numbered by step: 3 epochs of 4 steps.
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-12")
     assert second.fit(train, epochs=3) == {}  # nothing left to do
 
 
@@ -105,14 +128,54 @@ def test_evaluate_matches_numpy_under_mirrored_with_uneven_batches():
     assert result["loss"] == pytest.approx(float(ce), rel=1e-5)
 
 
-def test_mixed_precision_wraps_optimizer_and_trains():
-    keras.config.set_dtype_policy("mixed_float16")
-    model = tiny_model()
-    trainer = Trainer(model, progress=False)
+def _one_sgd_step(policy, initial, ds, strategy=None):
+    keras.config.set_dtype_policy(policy)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = tiny_model()
+        model.set_weights(initial)
+        sgd = keras.optimizers.SGD(0.5)
+    trainer = Trainer(model, optimizer=sgd, strategy=strategy, progress=False)
+    trainer.fit(ds, epochs=1)
+    keras.config.set_dtype_policy("float32")
+    return model, trainer
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_mixed_precision_sgd_step_matches_float32(replicas):
+    """One SGD step under mixed_float16 (loss scaled by 2**15, unscaled after the all-reduce)
+    moves the weights like the float32 step within 2% of the step size: a missing unscale (a
+    step 32768x too large), a double unscale or a wrong replica scaling cannot pass. SGD, not
+    Adam, because Adam's update is invariant to the gradient's scale."""
+    images, masks = shapes.load("train", image_size=SIZE, num_samples=8)
+    ds = tf.data.Dataset.from_tensor_slices((images, masks)).batch(8)
+    keras.utils.set_random_seed(0)
+    initial = tiny_model().get_weights()
+    reference, _ = _one_sgd_step("float32", initial, ds)
+    strategy = mirrored() if replicas == 2 else None
+    model, trainer = _one_sgd_step("mixed_float16", initial, ds, strategy)
     assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
-    train = shapes.dataset("train", batch_size=8, image_size=SIZE, num_samples=16)
-    history = trainer.fit(train, epochs=1)
-    assert np.isfinite(history["loss"][0])
+    assert model.compute_dtype == "float16"
+    for got, want, start in zip(model.get_weights(), reference.get_weights(), initial, strict=True):
+        step = np.abs(want - start).max()
+        assert step > 1e-4
+        assert np.abs(got - want).max() <= 0.02 * step, (np.abs(got - want).max(), step)
+
+
+def test_mixed_precision_non_finite_on_one_replica_skips_on_all():
+    """A NaN in replica 1's half of the batch only: every replica skips the step and halves the
+    loss scale (Keras alone decides on replica 0's gradients and would apply NaN weights)."""
+    images, masks = shapes.load("train", image_size=SIZE, num_samples=8)
+    images[4:] = np.nan  # replica 1's rows
+    ds = tf.data.Dataset.from_tensor_slices((images, masks)).batch(8)
+    keras.utils.set_random_seed(0)
+    initial = tiny_model().get_weights()
+    model, trainer = _one_sgd_step("mixed_float16", initial, ds, mirrored())
+    for got, want in zip(model.get_weights(), initial, strict=True):
+        np.testing.assert_array_equal(got, want)
+    scales = trainer.strategy.experimental_local_results(trainer.optimizer.dynamic_scale.value)
+    assert [float(s) for s in scales] == [2.0**14, 2.0**14]
+    assert int(trainer.optimizer.iterations.numpy()) == 0
 
 
 def test_classification_task_and_custom_loss():
@@ -159,21 +222,24 @@ def _free_ports(n):
 
 
 def test_multi_worker_two_processes_match_single_device(tmp_path):
-    """Two worker processes under MultiWorkerMirroredStrategy (TF_CONFIG on localhost) end with
-    identical weights, equal to one process training on the same global batches; only the
-    chief's checkpoints land in the shared directory."""
+    """Two worker processes under MultiWorkerMirroredStrategy (TF_CONFIG on localhost), a model
+    with BatchNorm: both end with one process's weights and moving statistics (synchronised
+    BN across workers), evaluate alike, the chief's checkpoint holds those statistics, and
+    only the chief's checkpoints land in the shared directory."""
     import json
     import os
     import subprocess
     import sys
 
+    from tests.training.mwms_worker import bn_model, datasets
+
     keras.utils.set_random_seed(0)
-    inp = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
-    reference = keras.Model(inp, keras.layers.Conv2D(4, 1)(x))
+    reference = bn_model()
     initial = reference.get_weights()
-    train = shapes.dataset("train", batch_size=8, image_size=16, num_samples=16, shuffle=False)
-    Trainer(reference, optimizer=keras.optimizers.SGD(0.5), progress=False).fit(train, epochs=2)
+    train, val = datasets()
+    ref_trainer = Trainer(reference, optimizer=keras.optimizers.SGD(0.5), progress=False)
+    ref_trainer.fit(train, epochs=2)
+    ref_val = ref_trainer.evaluate(val)["loss"]
 
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     script = os.path.join(os.path.dirname(__file__), "mwms_worker.py")
@@ -212,9 +278,22 @@ def test_multi_worker_two_processes_match_single_device(tmp_path):
         np.testing.assert_array_equal(results[0][f"arr_{i}"], results[1][f"arr_{i}"])
         np.testing.assert_allclose(results[0][f"arr_{i}"], want, atol=1e-5)
     assert n == len([k for k in results[0].files if k.startswith("arr_")])
-    assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-2")
-    # max_checkpoints=1: the chief swept ckpt-1; the other worker wrote only to a temp dir.
-    assert not list((tmp_path / "ckpt").glob("ckpt-1*"))
+    ref_bn = reference.get_layer("bn")
+    assert np.abs(np.asarray(ref_bn.moving_mean)).max() > 0.01  # the statistics moved
+    for result in results:
+        np.testing.assert_allclose(result["moving_mean"], ref_bn.moving_mean, atol=1e-5)
+        np.testing.assert_allclose(result["moving_variance"], ref_bn.moving_variance, atol=1e-5)
+        assert float(result["val_loss"]) == pytest.approx(ref_val, abs=1e-5)
+    restored = bn_model()
+    latest = tf.train.latest_checkpoint(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(model=restored).restore(latest).expect_partial()
+    bn = restored.get_layer("bn")
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), ref_bn.moving_mean, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), ref_bn.moving_variance, atol=1e-5)
+    # Numbered by step: 2 epochs of 2 steps.
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-4")
+    # max_checkpoints=1: the chief swept ckpt-2; the other worker wrote only to a temp dir.
+    assert not list((tmp_path / "ckpt").glob("ckpt-2*"))
 
 
 def test_one_device_strategy():

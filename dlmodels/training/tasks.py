@@ -1,0 +1,717 @@
+"""Tasks: what one training step of a model family computes, apart from the loop around it.
+
+A `Task` owns its model(s), optimizer(s) and metrics, defines `train_step(batch, ctx)` and
+`eval_step(batch, ctx)` (run on every replica; `ctx` is a `StepContext` with the distributed
+maths), and names what goes into a checkpoint. The `Trainer` owns the loop: distribution,
+checkpoints, logging and progress. So one loop trains a segmentation network
+(`SupervisedTask`), a variational auto-encoder (`VAETask`) and a two-optimizer GAN (`GANTask`)
+under every strategy.
+
+Noise a step draws (the VAE's epsilon, the GAN's z) comes from `ctx.normal(...)`: drawn
+statelessly for the whole global batch from (task seed, optimizer step), each replica slicing
+its own rows, so N replicas draw exactly what one device draws, and no two replicas share rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from dlmodels._validation import check_choice
+from dlmodels.metrics import MeanIoU
+from dlmodels.models.outputs import output_kind
+
+SUPERVISED_TASKS = ("segmentation", "classification")
+LIKELIHOODS = ("bernoulli", "gaussian")
+GAN_LOSSES = ("non_saturating", "minimax")
+
+
+def _first_output(outputs):
+    if isinstance(outputs, dict):
+        return next(iter(outputs.values()))
+    if isinstance(outputs, list | tuple):
+        return outputs[0]
+    return outputs
+
+
+def _check_seed(seed, owner):
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{owner}: `seed`={seed!r} must be a non-negative int (e.g. seed=0).")
+    return int(seed)
+
+
+def _check_model(model, name, owner):
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"{owner}: `{name}` must be a keras.Model, got {type(model).__name__}. Build it "
+            "with the functional API (e.g. dlmodels.models.get(...))."
+        )
+    return model
+
+
+def resolve_optimizer(optimizer, strategy, *, mixed, owner, name="optimizer", default=None):
+    """An optimizer ready for `strategy`: None -> `default()` (Adam(1e-3)), a name -> Keras'
+    optimizer, checked to be created under the strategy and wrapped in `LossScaleOptimizer`
+    when `mixed` (float16 compute)."""
+    if optimizer is None:
+        optimizer = default() if default is not None else keras.optimizers.Adam(1e-3)
+    elif isinstance(optimizer, str):
+        optimizer = keras.optimizers.get(optimizer)
+    elif not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(
+            f"{owner}: `{name}`={optimizer!r} must be a keras optimizer, a name or None."
+        )
+    # Keras' TF optimizer records the strategy it was created under and all-reduces through it;
+    # one made outside the scope would silently skip the cross-replica gradient sum.
+    made_under = getattr(optimizer, "_distribution_strategy", strategy)
+    if made_under is not strategy:
+        raise ValueError(
+            f"{owner}: the {name} was created outside the Trainer's strategy scope. Create "
+            f"it inside `with strategy.scope():` (or pass {name}=None / a name)."
+        )
+    if mixed and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+class Task:
+    """Base class: the models, optimizers, metrics and step functions of one kind of training.
+
+    Subclasses set up their models in `__init__`, create optimizers and metrics in
+    `build(strategy)` (called by the Trainer under the strategy's scope), and implement
+    `train_step` / `eval_step`. A step returns a dict of scalar float32 logs, each a
+    contribution that sums over replicas to the global-batch value (what `ctx.average_loss`
+    returns).
+
+    Args:
+        seed: seed of the task's own noise (VAE epsilon, GAN latents).
+    """
+
+    name = "task"
+
+    def __init__(self, seed=None):
+        self.seed = _check_seed(seed, type(self).__name__)
+        self.strategy = None
+        self.metrics = []
+
+    # -- what the Trainer reads --------------------------------------------------------------
+    @property
+    def models(self) -> dict:
+        """Name -> Keras model, every model the task trains (for BN sync, seed folding and
+        strategy checks)."""
+        raise NotImplementedError
+
+    @property
+    def optimizers(self) -> dict:
+        """Name -> optimizer (available after `build`)."""
+        raise NotImplementedError
+
+    def checkpoint_items(self) -> dict:
+        """Name -> trackable saved in checkpoints: the models and the optimizers."""
+        return {**self.models, **self.optimizers}
+
+    def build(self, strategy):
+        """Create optimizers and metrics under `strategy.scope()` and check the models were
+        built under it. Called by the Trainer; a second call with the same strategy keeps the
+        optimizers (and their state)."""
+        if self.strategy is strategy:
+            return
+        if self.strategy is not None:
+            raise ValueError(
+                f"{type(self).__name__}: already built for another strategy; create a new task "
+                "for a new Trainer strategy."
+            )
+        extended = strategy.extended
+        for name, model in self.models.items():
+            for v in model.weights:
+                if not extended.variable_created_in_scope(getattr(v, "value", v)):
+                    raise ValueError(
+                        f"Trainer: the {name}'s variable {v.path!r} was not created under the "
+                        f"Trainer's strategy ({type(strategy).__name__}). Build the model "
+                        "inside `with strategy.scope():` and pass the same strategy to Trainer."
+                    )
+        self.strategy = strategy
+        with strategy.scope():
+            self._build_in_scope(strategy)
+            for optimizer, variables in self._optimized_variables():
+                # Built here, in cross-replica context, so slot variables are mirrored and
+                # exist before a checkpoint restore.
+                if not optimizer.built:
+                    optimizer.build(variables)
+
+    def _build_in_scope(self, strategy):
+        raise NotImplementedError
+
+    def _optimized_variables(self):
+        """(optimizer, trainable variables) pairs to build."""
+        raise NotImplementedError
+
+    def train_step(self, batch, ctx) -> dict:
+        """One replica's training step on its part of the global batch; returns logs."""
+        raise NotImplementedError
+
+    def eval_step(self, batch, ctx) -> dict:
+        """One replica's evaluation step (no updates); returns logs like `train_step`."""
+        raise NotImplementedError
+
+    def reset_metrics(self):
+        for metric in self.metrics:
+            metric.reset_state()
+
+    def metric_logs(self) -> dict:
+        return {m.name: float(m.result()) for m in self.metrics}
+
+
+# -- supervised ------------------------------------------------------------------------------
+def _loss_from_logits(loss):
+    """The loss' `from_logits` flag, or None when it has none."""
+    if hasattr(loss, "from_logits"):
+        return bool(loss.from_logits)
+    if isinstance(loss, keras.losses.Loss):
+        try:
+            value = loss.get_config().get("from_logits")
+        except (NotImplementedError, TypeError, AttributeError):
+            value = None
+        return None if value is None else bool(value)
+    return None
+
+
+def _check_logits_convention(loss, kind, owner):
+    from_logits = _loss_from_logits(loss)
+    if from_logits is None or kind == "unknown":
+        return
+    name = type(loss).__name__
+    if from_logits and kind in ("softmax", "sigmoid"):
+        raise ValueError(
+            f"{owner}: `loss`={name}(from_logits=True) but the model's output already applies "
+            f"a {kind} (output_kind={kind!r}), which would apply it twice. Pass "
+            f"{name}(from_logits=False), or build the model to return logits (e.g. "
+            "classifier_activation=None / final_activation=None; dlmodels models return logits "
+            "by default)."
+        )
+    if not from_logits and kind == "logits":
+        raise ValueError(
+            f"{owner}: `loss`={name}(from_logits=False) but the model returns logits "
+            "(output_kind='logits'), so the loss would read raw scores as probabilities. Pass "
+            f"{name}(from_logits=True), or give the model a softmax output."
+        )
+
+
+class SupervisedTask(Task):
+    """Supervised training of one model on `(inputs, labels)` batches: segmentation or
+    classification with integer labels and an optional ignore index.
+
+    The loss is computed per example (a mean over that example's non-ignored pixels for
+    segmentation), averaged over the global batch. The default loss is
+    `dlmodels.losses.SparseCrossEntropy` with `from_logits` read off the model
+    (`dlmodels.models.outputs.output_kind`), and a given loss whose `from_logits` contradicts
+    the model's output raises, so a softmax is never applied twice. Keras'
+    `SparseCategoricalCrossentropy(ignore_class=k)` (whose per-pixel zeros would still count in
+    a mean) is converted to `SparseCrossEntropy(ignore_index=k)`.
+
+    Args:
+        model: a Keras model; outputs `(B, H, W, C)` scores for segmentation, `(B, C)` for
+            classification (the first output of a multi-output model).
+        task: "segmentation" (labels `(B, H, W)`) or "classification" (labels `(B,)`).
+        loss: a `keras.losses.Loss`, loss name or callable `(y_true, y_pred) -> values`, None
+            for the default. Per-position values are averaged over each example's non-ignored
+            positions.
+        optimizer: a Keras optimizer created under the Trainer's strategy scope, a name, or
+            None for `Adam(1e-3)`.
+        metrics: Keras metrics created under the strategy's scope, or None: `MeanIoU` and pixel
+            accuracy for segmentation, accuracy for classification.
+        ignore_index: label value (e.g. 255) excluded from the loss and the metrics, or None.
+        seed: unused by this task (kept for the common signature).
+
+    Raises:
+        ValueError: unknown `task`, a loss whose `from_logits` contradicts the model's output,
+            a sigmoid output with the default loss, or an ignore index the loss disagrees with.
+    """
+
+    name = "supervised"
+
+    def __init__(
+        self,
+        model,
+        task="segmentation",
+        loss=None,
+        optimizer=None,
+        metrics=None,
+        ignore_index=None,
+        seed=None,
+    ):
+        super().__init__(seed=seed)
+        self.task = check_choice("task", task, SUPERVISED_TASKS, owner="SupervisedTask")
+        self.model = _check_model(model, "model", "SupervisedTask")
+        if ignore_index is not None and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+        ):
+            raise ValueError(
+                f"SupervisedTask: `ignore_index`={ignore_index!r} must be an int label value "
+                "(e.g. 255 for void pixels) or None."
+            )
+        self.ignore_index = ignore_index
+        self.output_kind = _first_output(output_kind(model))
+        self._optimizer_arg = optimizer
+        self._metrics_arg = metrics
+        self.optimizer = None
+        self.loss, self._ignore_aware = self._resolve_loss(loss)
+        if isinstance(self.loss, keras.losses.Loss):
+            self.loss = type(self.loss).from_config({**self.loss.get_config(), "reduction": None})
+        if not callable(self.loss):
+            raise ValueError(
+                f"SupervisedTask: `loss`={loss!r} is not a keras.losses.Loss, loss name or "
+                "callable."
+            )
+
+    # -- loss --------------------------------------------------------------------------------
+    def _resolve_loss(self, loss):
+        """(loss, handles ignore_index itself)."""
+        from dlmodels import losses as dl_losses
+
+        owner = "SupervisedTask"
+        if loss is None:
+            if self.output_kind == "sigmoid":
+                raise ValueError(
+                    f"{owner}: the model ends in a sigmoid (independent per-class "
+                    "probabilities); the default sparse cross-entropy needs logits or a "
+                    "softmax. Pass loss=keras.losses.BinaryCrossentropy(from_logits=False) for "
+                    "binary / multi-label targets, or build the model to return logits."
+                )
+            loss = dl_losses.SparseCrossEntropy(
+                from_logits=self.output_kind != "softmax", ignore_index=self.ignore_index
+            )
+            return loss, True
+        if isinstance(loss, str):
+            try:
+                loss = dl_losses.get(loss)
+            except ValueError:
+                loss = keras.losses.get(loss)
+        _check_logits_convention(loss, self.output_kind, owner)
+        if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+            config = loss.get_config()
+            ignore = self._agree_ignore(config.get("ignore_class"), "ignore_class", loss)
+            return (
+                dl_losses.SparseCrossEntropy(
+                    from_logits=bool(config.get("from_logits", False)), ignore_index=ignore
+                ),
+                True,
+            )
+        if hasattr(loss, "ignore_index") and isinstance(loss, keras.losses.Loss):
+            ignore = self._agree_ignore(loss.ignore_index, "ignore_index", loss)
+            if ignore != loss.ignore_index:
+                loss = type(loss).from_config({**loss.get_config(), "ignore_index": ignore})
+            return loss, True
+        return loss, False
+
+    def _agree_ignore(self, value, argument, loss):
+        if value is None:
+            return self.ignore_index
+        if self.ignore_index is not None and value != self.ignore_index:
+            raise ValueError(
+                f"SupervisedTask: `ignore_index`={self.ignore_index!r} but the loss "
+                f"{type(loss).__name__} has `{argument}`={value!r}. Give the same value to both "
+                "(or set it on one of them only)."
+            )
+        if self.ignore_index is None:
+            self.ignore_index = int(value)
+        return int(value)
+
+    def _labels_and_mask(self, y):
+        y = tf.cast(y, tf.int32)
+        if self.ignore_index is None:
+            return y, None
+        keep = tf.not_equal(y, self.ignore_index)
+        return tf.where(keep, y, tf.zeros_like(y)), tf.cast(keep, tf.float32)
+
+    def per_example_loss(self, y, pred):
+        """Loss values `(batch,)`: per-position values averaged over each example's
+        non-ignored positions."""
+        pred = tf.cast(pred, tf.float32)
+        if self._ignore_aware:
+            values = tf.cast(self.loss(y, pred), tf.float32)
+            mask = None
+        else:
+            labels, mask = self._labels_and_mask(y)
+            values = tf.cast(self.loss(labels if mask is not None else y, pred), tf.float32)
+        rank = values.shape.rank
+        if mask is None:
+            if rank is not None and rank > 1:
+                values = tf.reduce_mean(values, axis=list(range(1, rank)))
+            return values
+        if rank != mask.shape.rank:
+            raise ValueError(
+                f"SupervisedTask: with ignore_index={self.ignore_index} the loss "
+                f"{getattr(self.loss, '__name__', type(self.loss).__name__)} must return one "
+                f"value per label position (shape {mask.shape}), got shape {values.shape}. "
+                "Use dlmodels.losses.SparseCrossEntropy / DiceCrossEntropy(ignore_index=...)."
+            )
+        if rank == 1:
+            return values * mask
+        axes = list(range(1, rank))
+        return tf.math.divide_no_nan(
+            tf.reduce_sum(values * mask, axis=axes), tf.reduce_sum(mask, axis=axes)
+        )
+
+    # -- building ----------------------------------------------------------------------------
+    @property
+    def models(self):
+        return {"model": self.model}
+
+    @property
+    def optimizers(self):
+        return {} if self.optimizer is None else {"optimizer": self.optimizer}
+
+    def _optimized_variables(self):
+        return [(self.optimizer, self.model.trainable_variables)]
+
+    def _build_in_scope(self, strategy):
+        self.optimizer = resolve_optimizer(
+            self._optimizer_arg,
+            strategy,
+            mixed=self.model.compute_dtype == "float16",
+            owner="Trainer",
+        )
+        self.metrics = self._make_metrics(self._metrics_arg, strategy)
+
+    def _num_classes(self):
+        channels = _first_output(self.model.outputs if self.model.outputs else [None])
+        if channels is None or channels.shape[-1] is None:
+            raise ValueError(
+                "Trainer: cannot infer num_classes from the model's outputs; pass `metrics=` "
+                "explicitly."
+            )
+        return int(channels.shape[-1])
+
+    def _make_metrics(self, metrics, strategy):
+        if metrics is not None:
+            return list(metrics)
+        if self.task == "segmentation":
+            tpu = isinstance(strategy, tf.distribute.TPUStrategy)  # TPUs have no float64
+            return [
+                MeanIoU(
+                    self._num_classes(),
+                    ignore_index=self.ignore_index,
+                    accumulator_dtype="float32" if tpu else "float64",
+                    name="mean_iou",
+                ),
+                keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
+            ]
+        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+
+    def _update_metrics(self, y, pred):
+        labels, mask = self._labels_and_mask(y)
+        for metric in self.metrics:
+            if mask is None or getattr(metric, "ignore_index", None) == self.ignore_index:
+                metric.update_state(y, pred)
+            else:
+                metric.update_state(labels, pred, sample_weight=mask)
+
+    # -- steps -------------------------------------------------------------------------------
+    @staticmethod
+    def _unpack(batch):
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise ValueError(
+                "SupervisedTask: batches must be (inputs, labels) pairs; got "
+                f"{type(batch).__name__}. Map the dataset to (x, y) tuples."
+            )
+        return batch
+
+    def train_step(self, batch, ctx):
+        x, y = self._unpack(batch)
+        with tf.GradientTape() as tape:
+            pred = _first_output(self.model(x, training=True))
+            loss = ctx.average_loss(self.per_example_loss(y, pred))
+            loss += ctx.regularization_loss(self.model)
+        ctx.minimize(tape, loss, self.model.trainable_variables, self.optimizer)
+        self._update_metrics(y, tf.cast(pred, tf.float32))
+        return {"loss": loss}
+
+    def eval_step(self, batch, ctx):
+        x, y = self._unpack(batch)
+        pred = tf.cast(_first_output(self.model(x, training=False)), tf.float32)
+        self._update_metrics(y, pred)
+        return {"loss": ctx.average_loss(self.per_example_loss(y, pred))}
+
+
+# -- generative ------------------------------------------------------------------------------
+def _inputs_only(batch):
+    """`x` from `x` or `(x, labels)` batches."""
+    if isinstance(batch, tuple | list):
+        return batch[0]
+    return batch
+
+
+def _sum_per_example(values):
+    values = tf.cast(values, tf.float32)
+    rank = values.shape.rank
+    return tf.reduce_sum(values, axis=list(range(1, rank))) if rank and rank > 1 else values
+
+
+class VAETask(Task):
+    """Variational auto-encoder training: maximise the evidence lower bound (Kingma & Welling
+    2014, "Auto-Encoding Variational Bayes", ICLR).
+
+    Per example, loss = -ELBO = reconstruction negative log-likelihood summed over pixels
+    + beta * KL(q(z|x) || N(0, I)) with the closed form `0.5 * sum(mu^2 + exp(lv) - 1 - lv)`
+    (beta > 1 is the beta-VAE of Higgins et al. 2017), averaged over the global batch. The
+    reparameterisation noise is drawn for the global batch from (seed, step), so training is
+    exact under distribution. Evaluation decodes the posterior mean (deterministic).
+
+    Args:
+        encoder: Keras model `x -> (mu, log_var)` (a list/tuple or dict of two outputs).
+        decoder: Keras model `z -> x` logits ("bernoulli") or mean ("gaussian"), shaped like x.
+        optimizer: optimizer of both models (created under the strategy's scope), a name, or
+            None for `Adam(1e-3)`.
+        beta: weight of the KL term (>= 0).
+        likelihood: "bernoulli" (x in [0, 1], decoder gives logits; binary cross-entropy) or
+            "gaussian" (unit variance, decoder gives the mean; `0.5 (x - m)^2 + 0.5 log 2 pi`).
+        seed: seed of the reparameterisation noise.
+
+    Batches are `x` or `(x, labels)` (labels ignored). Logs: loss, reconstruction, kl.
+    """
+
+    name = "vae"
+
+    def __init__(
+        self, encoder, decoder, optimizer=None, beta=1.0, likelihood="bernoulli", seed=None
+    ):
+        super().__init__(seed=seed)
+        self.encoder = _check_model(encoder, "encoder", "VAETask")
+        self.decoder = _check_model(decoder, "decoder", "VAETask")
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or beta < 0:
+            raise ValueError(f"VAETask: `beta`={beta!r} must be a number >= 0 (e.g. beta=1.0).")
+        self.beta = float(beta)
+        self.likelihood = check_choice("likelihood", likelihood, LIKELIHOODS, owner="VAETask")
+        self._optimizer_arg = optimizer
+        self.optimizer = None
+
+    @property
+    def models(self):
+        return {"encoder": self.encoder, "decoder": self.decoder}
+
+    @property
+    def optimizers(self):
+        return {} if self.optimizer is None else {"optimizer": self.optimizer}
+
+    def _variables(self):
+        return self.encoder.trainable_variables + self.decoder.trainable_variables
+
+    def _optimized_variables(self):
+        return [(self.optimizer, self._variables())]
+
+    def _build_in_scope(self, strategy):
+        mixed = "float16" in (self.encoder.compute_dtype, self.decoder.compute_dtype)
+        self.optimizer = resolve_optimizer(
+            self._optimizer_arg, strategy, mixed=mixed, owner="VAETask"
+        )
+
+    def _posterior(self, x, training):
+        out = self.encoder(x, training=training)
+        if isinstance(out, dict):
+            out = list(out.values())
+        if not isinstance(out, list | tuple) or len(out) != 2:
+            raise ValueError(
+                "VAETask: the encoder must return two outputs (mu, log_var); got "
+                f"{type(out).__name__}. Build it as keras.Model(x, [mu, log_var])."
+            )
+        return tf.cast(out[0], tf.float32), tf.cast(out[1], tf.float32)
+
+    def _terms(self, x, mu, log_var, z, training):
+        out = tf.cast(_first_output(self.decoder(z, training=training)), tf.float32)
+        x = tf.cast(x, tf.float32)
+        if self.likelihood == "bernoulli":
+            nll = tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=out)
+        else:
+            nll = 0.5 * tf.square(x - out) + 0.5 * math.log(2.0 * math.pi)
+        reconstruction = _sum_per_example(nll)
+        kl = 0.5 * _sum_per_example(tf.square(mu) + tf.exp(log_var) - 1.0 - log_var)
+        return reconstruction, kl
+
+    def train_step(self, batch, ctx):
+        x = _inputs_only(batch)
+        with tf.GradientTape() as tape:
+            mu, log_var = self._posterior(x, training=True)
+            seed = ctx.seed(self.seed, self.optimizer.iterations, salt=0)
+            eps = ctx.normal(tf.shape(mu)[1:], seed)
+            z = mu + tf.exp(0.5 * log_var) * eps
+            reconstruction, kl = self._terms(x, mu, log_var, z, training=True)
+            loss = ctx.average_loss(reconstruction + self.beta * kl)
+            loss += ctx.regularization_loss(self.encoder, self.decoder)
+        ctx.minimize(tape, loss, self._variables(), self.optimizer)
+        return {
+            "loss": loss,
+            "reconstruction": ctx.average_loss(reconstruction),
+            "kl": ctx.average_loss(kl),
+        }
+
+    def eval_step(self, batch, ctx):
+        x = _inputs_only(batch)
+        mu, log_var = self._posterior(x, training=False)
+        reconstruction, kl = self._terms(x, mu, log_var, mu, training=False)
+        return {
+            "loss": ctx.average_loss(reconstruction + self.beta * kl),
+            "reconstruction": ctx.average_loss(reconstruction),
+            "kl": ctx.average_loss(kl),
+        }
+
+
+class GANTask(Task):
+    """Generative adversarial training with two optimizers: per batch a discriminator step,
+    then a generator step (Goodfellow et al. 2014, "Generative Adversarial Nets", NeurIPS).
+
+    The discriminator returns one logit per example. Its loss is the binary cross-entropy of
+    real (1) vs generated (0) examples, `softplus(-D(x)) + softplus(D(G(z)))`. The generator
+    loss is "non_saturating" `softplus(-D(G(z)))` (the paper's practical choice) or "minimax"
+    `-softplus(D(G(z)))` (= log(1 - D(G(z)))). Both are averaged over the global batch; the
+    latents of each step are drawn for the global batch from (seed, step), so training is
+    exact under distribution. Conditional GANs (Mirza & Osindero 2014, "Conditional Generative
+    Adversarial Nets") read `(x, labels)` batches and call `G([z, labels])`, `D([x, labels])`.
+
+    Args:
+        generator: Keras model `z -> x` (or `[z, labels] -> x` when conditional).
+        discriminator: Keras model `x -> logit` (or `[x, labels] -> logit`), shape (B, 1) or
+            (B,).
+        g_optimizer, d_optimizer: optimizers (created under the strategy's scope), names, or
+            None for `Adam(2e-4, beta_1=0.5)` (Radford et al. 2016, DCGAN).
+        latent_dim: size of z (an int, or a shape tuple).
+        loss: "non_saturating" or "minimax" generator loss.
+        conditional: whether the models take labels.
+        seed: seed of the latents.
+
+    Batches are `x` or `(x, labels)` (labels ignored unless conditional). Logs: d_loss, g_loss.
+    """
+
+    name = "gan"
+
+    def __init__(
+        self,
+        generator,
+        discriminator,
+        g_optimizer=None,
+        d_optimizer=None,
+        *,
+        latent_dim,
+        loss="non_saturating",
+        conditional=False,
+        seed=None,
+    ):
+        super().__init__(seed=seed)
+        self.generator = _check_model(generator, "generator", "GANTask")
+        self.discriminator = _check_model(discriminator, "discriminator", "GANTask")
+        shape = (latent_dim,) if isinstance(latent_dim, int) else tuple(latent_dim)
+        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(
+                f"GANTask: `latent_dim`={latent_dim!r} must be a positive int (e.g. 64) or a "
+                "shape tuple of positive ints."
+            )
+        self.latent_shape = shape
+        self.loss = check_choice("loss", loss, GAN_LOSSES, owner="GANTask")
+        self.conditional = bool(conditional)
+        self._optimizer_args = (g_optimizer, d_optimizer)
+        self.g_optimizer = None
+        self.d_optimizer = None
+
+    @property
+    def models(self):
+        return {"generator": self.generator, "discriminator": self.discriminator}
+
+    @property
+    def optimizers(self):
+        if self.g_optimizer is None:
+            return {}
+        return {"g_optimizer": self.g_optimizer, "d_optimizer": self.d_optimizer}
+
+    def _optimized_variables(self):
+        return [
+            (self.g_optimizer, self.generator.trainable_variables),
+            (self.d_optimizer, self.discriminator.trainable_variables),
+        ]
+
+    def _build_in_scope(self, strategy):
+        def default():
+            return keras.optimizers.Adam(2e-4, beta_1=0.5)
+
+        g_opt, d_opt = self._optimizer_args
+        if g_opt is not None and g_opt is d_opt:
+            raise ValueError(
+                "GANTask: `g_optimizer` and `d_optimizer` are the same object; the two models "
+                "need their own optimizer state. Pass two optimizers (or None)."
+            )
+        self.g_optimizer = resolve_optimizer(
+            g_opt,
+            strategy,
+            mixed=self.generator.compute_dtype == "float16",
+            owner="GANTask",
+            name="g_optimizer",
+            default=default,
+        )
+        self.d_optimizer = resolve_optimizer(
+            d_opt,
+            strategy,
+            mixed=self.discriminator.compute_dtype == "float16",
+            owner="GANTask",
+            name="d_optimizer",
+            default=default,
+        )
+
+    def _unpack(self, batch):
+        if self.conditional:
+            if not isinstance(batch, tuple | list) or len(batch) != 2:
+                raise ValueError(
+                    "GANTask(conditional=True): batches must be (x, labels) pairs; got "
+                    f"{type(batch).__name__}."
+                )
+            return batch[0], batch[1]
+        return _inputs_only(batch), None
+
+    def _generate(self, z, labels, training):
+        inputs = z if labels is None else [z, labels]
+        return _first_output(self.generator(inputs, training=training))
+
+    def _logits(self, x, labels, training):
+        inputs = x if labels is None else [x, labels]
+        logits = tf.cast(_first_output(self.discriminator(inputs, training=training)), tf.float32)
+        return tf.reshape(logits, [-1])
+
+    def _g_per_example(self, fake_logits):
+        if self.loss == "non_saturating":
+            return tf.nn.softplus(-fake_logits)
+        return -tf.nn.softplus(fake_logits)
+
+    def train_step(self, batch, ctx):
+        x, labels = self._unpack(batch)
+        step = self.d_optimizer.iterations
+        z = ctx.normal(self.latent_shape, ctx.seed(self.seed, step, salt=0))
+        fake = tf.stop_gradient(self._generate(z, labels, training=True))
+        with tf.GradientTape() as tape:
+            real_logits = self._logits(x, labels, training=True)
+            fake_logits = self._logits(fake, labels, training=True)
+            d_loss = ctx.average_loss(tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits))
+            d_loss += ctx.regularization_loss(self.discriminator)
+        d_vars = self.discriminator.trainable_variables
+        ctx.minimize(tape, d_loss, d_vars, self.d_optimizer)
+
+        z = ctx.normal(self.latent_shape, ctx.seed(self.seed, step, salt=1))
+        with tf.GradientTape() as tape:
+            fake_logits = self._logits(self._generate(z, labels, training=True), labels, True)
+            g_loss = ctx.average_loss(self._g_per_example(fake_logits))
+            g_loss += ctx.regularization_loss(self.generator)
+        ctx.minimize(tape, g_loss, self.generator.trainable_variables, self.g_optimizer)
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+    def eval_step(self, batch, ctx):
+        x, labels = self._unpack(batch)
+        # A fixed seed per batch position is enough for a loss estimate; evaluation updates
+        # nothing, so it need not follow the training step.
+        z = ctx.normal(self.latent_shape, ctx.seed(self.seed, 0, salt=2))
+        fake_logits = self._logits(self._generate(z, labels, training=False), labels, False)
+        real_logits = self._logits(x, labels, training=False)
+        return {
+            "d_loss": ctx.average_loss(tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits)),
+            "g_loss": ctx.average_loss(self._g_per_example(fake_logits)),
+        }
