@@ -180,6 +180,41 @@ def _loss_from_logits(loss):
     return None
 
 
+def _named_cross_entropy(loss):
+    """(family, constructor) when `loss` is a cross-entropy named by a string or given as a bare
+    Keras loss function (no `from_logits` chosen by the caller), else None. family: "softmax"
+    (needs logits or softmax outputs), "binary" or "dlmodels"; constructor None means sparse
+    categorical cross-entropy (built as `dlmodels.losses.SparseCrossEntropy`)."""
+    from dlmodels import losses as dl_losses
+
+    if isinstance(loss, str):
+        if loss in dl_losses.LOSSES:
+            return "dlmodels", dl_losses.LOSSES[loss]
+        try:
+            resolved = keras.losses.get(loss)
+        except ValueError:
+            return None
+        # A class name ("SparseCategoricalCrossentropy") gives an instance with Keras'
+        # default from_logits=False; the caller chose nothing either way.
+        loss = getattr(resolved, "fn", resolved)
+    if not callable(loss) or isinstance(loss, keras.losses.Loss):
+        return None
+    table = {
+        keras.losses.sparse_categorical_crossentropy: ("softmax", None),
+        keras.losses.categorical_crossentropy: ("softmax", keras.losses.CategoricalCrossentropy),
+        keras.losses.categorical_focal_crossentropy: (
+            "softmax",
+            keras.losses.CategoricalFocalCrossentropy,
+        ),
+        keras.losses.binary_crossentropy: ("binary", keras.losses.BinaryCrossentropy),
+        keras.losses.binary_focal_crossentropy: ("binary", keras.losses.BinaryFocalCrossentropy),
+    }
+    for function, entry in table.items():
+        if loss is function:
+            return entry
+    return None
+
+
 def _check_logits_convention(loss, kind, owner):
     from_logits = _loss_from_logits(loss)
     if from_logits is None or kind == "unknown":
@@ -206,10 +241,23 @@ class SupervisedTask(Task):
     classification with integer labels and an optional ignore index.
 
     The loss is computed per example (a mean over that example's non-ignored pixels for
-    segmentation), averaged over the global batch. The default loss is
-    `dlmodels.losses.SparseCrossEntropy` with `from_logits` read off the model
-    (`dlmodels.models.outputs.output_kind`), and a given loss whose `from_logits` contradicts
-    the model's output raises, so a softmax is never applied twice. Keras'
+    segmentation), averaged over the global batch. Ignore-index semantics: each example is
+    normalised by its own valid-pixel count, and the global-batch mean counts every example,
+    so an example whose pixels are all ignored contributes 0 yet still counts in the
+    denominator. PyTorch's `CrossEntropyLoss(ignore_index=...)` instead divides the sum over
+    the batch by the batch's valid-pixel count (examples with more valid pixels weigh more);
+    the two agree when every example has the same number of valid pixels.
+
+    The default loss is `dlmodels.losses.SparseCrossEntropy` with `from_logits` read off the
+    model (`dlmodels.models.outputs.output_kind`); when the output kind is "unknown" there is no
+    default and an explicit loss is required. A given loss instance whose `from_logits`
+    contradicts the model's output raises, so a softmax is never applied twice. A
+    cross-entropy given by name ("sparse_categorical_crossentropy", "categorical_crossentropy",
+    "binary_crossentropy", the focal variants, Keras' class names, dlmodels' "ce" / "dice" /
+    "dice_ce") or as the bare Keras function (`keras.losses.sparse_categorical_crossentropy`)
+    carries no `from_logits` of the caller's, so it is built with `from_logits` from the
+    model's output kind (sparse categorical cross-entropy as the ignore-aware
+    `SparseCrossEntropy`), and refused when the kind is "unknown". Keras'
     `SparseCategoricalCrossentropy(ignore_class=k)` (whose per-pixel zeros would still count in
     a mean) is converted to `SparseCrossEntropy(ignore_index=k)`.
 
@@ -229,7 +277,8 @@ class SupervisedTask(Task):
 
     Raises:
         ValueError: unknown `task`, a loss whose `from_logits` contradicts the model's output,
-            a sigmoid output with the default loss, or an ignore index the loss disagrees with.
+            a sigmoid output with the default loss, no loss (or a loss by name) for a model
+            whose output kind is "unknown", or an ignore index the loss disagrees with.
     """
 
     name = "supervised"
@@ -274,24 +323,36 @@ class SupervisedTask(Task):
         from dlmodels import losses as dl_losses
 
         owner = "SupervisedTask"
+        kind = self.output_kind
         if loss is None:
-            if self.output_kind == "sigmoid":
+            if kind == "sigmoid":
                 raise ValueError(
                     f"{owner}: the model ends in a sigmoid (independent per-class "
                     "probabilities); the default sparse cross-entropy needs logits or a "
                     "softmax. Pass loss=keras.losses.BinaryCrossentropy(from_logits=False) for "
                     "binary / multi-label targets, or build the model to return logits."
                 )
+            if kind == "unknown":
+                raise ValueError(
+                    f"{owner}: cannot tell whether the model returns logits or probabilities "
+                    "(output_kind='unknown': its output is not produced by a layer with a "
+                    "linear / softmax / sigmoid activation), so the default loss cannot pick "
+                    "`from_logits`. Pass an explicit loss, e.g. "
+                    "loss=dlmodels.losses.SparseCrossEntropy(from_logits=True) for logits or "
+                    "from_logits=False for softmax probabilities."
+                )
             loss = dl_losses.SparseCrossEntropy(
-                from_logits=self.output_kind != "softmax", ignore_index=self.ignore_index
+                from_logits=kind != "softmax", ignore_index=self.ignore_index
             )
             return loss, True
+        named = _named_cross_entropy(loss)
+        if named is not None:
+            # A name or a bare Keras function carries no `from_logits` the user chose (Keras'
+            # default is False): build the loss for what the model outputs.
+            return self._cross_entropy_for_model(loss, *named)
         if isinstance(loss, str):
-            try:
-                loss = dl_losses.get(loss)
-            except ValueError:
-                loss = keras.losses.get(loss)
-        _check_logits_convention(loss, self.output_kind, owner)
+            loss = keras.losses.get(loss)
+        _check_logits_convention(loss, kind, owner)
         if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
             config = loss.get_config()
             ignore = self._agree_ignore(config.get("ignore_class"), "ignore_class", loss)
@@ -307,6 +368,33 @@ class SupervisedTask(Task):
                 loss = type(loss).from_config({**loss.get_config(), "ignore_index": ignore})
             return loss, True
         return loss, False
+
+    def _cross_entropy_for_model(self, given, family, make):
+        """(loss, handles ignore_index) for a cross-entropy given by name or as a Keras
+        function, with `from_logits` from the model's output kind."""
+        from dlmodels import losses as dl_losses
+
+        kind = self.output_kind
+        shown = given if isinstance(given, str) else getattr(given, "__name__", repr(given))
+        if kind == "unknown" or (kind == "sigmoid" and family != "binary"):
+            why = (
+                "cannot tell whether the model returns logits or probabilities "
+                "(output_kind='unknown')"
+                if kind == "unknown"
+                else "the model ends in a sigmoid, which this softmax-based loss cannot read"
+            )
+            raise ValueError(
+                f"SupervisedTask: `loss`={shown!r} is given by name, so `from_logits` must come "
+                f"from the model, but {why}. Pass a loss instance with an explicit "
+                "`from_logits`, e.g. loss=dlmodels.losses.SparseCrossEntropy(from_logits=True) "
+                "or keras.losses.BinaryCrossentropy(from_logits=False)."
+            )
+        from_logits = kind == "logits"
+        if make is None:  # sparse categorical cross-entropy: the ignore-aware dlmodels one
+            make, family = dl_losses.SparseCrossEntropy, "dlmodels"
+        if family == "dlmodels":
+            return make(from_logits=from_logits, ignore_index=self.ignore_index), True
+        return make(from_logits=from_logits), False
 
     def _agree_ignore(self, value, argument, loss):
         if value is None:

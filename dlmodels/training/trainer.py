@@ -36,9 +36,7 @@ from dlmodels.training.replicas import (
     synchronized_batch_norm,
 )
 from dlmodels.training.strategy import is_chief
-from dlmodels.training.tasks import SUPERVISED_TASKS, SupervisedTask, Task
-
-TASKS = SUPERVISED_TASKS
+from dlmodels.training.tasks import SupervisedTask, Task
 
 
 class Trainer:
@@ -58,11 +56,17 @@ class Trainer:
 
     Args:
         model: a `Task`, or a built Keras model created under `strategy.scope()`, outputting
-            logits (or probabilities: the loss follows `output_kind`), for a `SupervisedTask`
-            made from `task`, `loss`, `optimizer`, `metrics` and `ignore_index`.
+            logits (or probabilities: the loss follows `output_kind`; a model whose output
+            kind is "unknown" needs an explicit `loss`), for a `SupervisedTask` made from
+            `task`, `loss`, `optimizer`, `metrics` and `ignore_index`.
         task: "segmentation" (labels `(B, H, W)`, outputs `(B, H, W, C)`) or "classification"
             (labels `(B,)`, outputs `(B, C)`); only with a model.
-        loss, optimizer, metrics, ignore_index: see `SupervisedTask`; only with a model.
+        loss, optimizer, metrics, ignore_index: see `SupervisedTask`; only with a model. With
+            `ignore_index`, each example's loss is the mean over its own valid (non-ignored)
+            positions, and the loss is the mean of those over the *global* batch: an example
+            with no valid position contributes 0 but still counts in the denominator. This
+            differs from PyTorch's `CrossEntropyLoss(ignore_index=...)` (`reduction="mean"`),
+            which divides by the valid positions of the whole batch.
         strategy: the strategy the models were built under; default
             `tf.distribute.get_strategy()`.
         checkpoint_dir: where `tf.train.CheckpointManager` saves (every `checkpoint_every`
@@ -153,7 +157,6 @@ class Trainer:
         self._seeds_folded = False
         self._train_fn = None
         self._eval_fn = None
-        self._last_saved_step = None
         if self.checkpoint_dir is not None:
             # Keras' SeedGenerator is not trackable: its state (dropout / stochastic depth
             # stream) is unreachable from the model, so it is listed here, in layer order, for
@@ -210,14 +213,12 @@ class Trainer:
             if latest is not None and latest != self._restored:
                 self.checkpoint.restore(latest).assert_existing_objects_matched()
                 self._restored = latest
-                self._last_saved_step = int(self.step.numpy())
                 # A restore writes replica 0's (unfolded) seed states to every replica.
                 self._seeds_folded = False
         return int(self.epoch.numpy())
 
     def _save(self, step):
         path = self._manager.save(checkpoint_number=step)
-        self._last_saved_step = step
         if not self._is_chief:
             shutil.rmtree(self._manager.directory, ignore_errors=True)
         return path
@@ -295,8 +296,13 @@ class Trainer:
             callbacks: objects with `on_epoch_end(epoch, logs)` (e.g. Keras callbacks) or
                 callables `fn(epoch, logs)`, called after each epoch with its logs.
 
-        On resume the batches already trained are skipped (`Dataset.skip`): the rest of the
-        interrupted epoch for a finite dataset, all `step` batches of a repeated one.
+        On resume the batches already trained are skipped with `Dataset.skip(n)`: the ones
+        already trained in the interrupted epoch for a finite dataset, all `step` batches of a
+        repeated one (`steps_per_epoch`). `skip` reads and discards those batches, running the
+        input pipeline over them again: the resumed run sees the batches an uninterrupted run
+        would only when the pipeline is deterministic (no unseeded shuffle or augmentation,
+        deterministic parallel maps), and the cost of resuming grows with the step (a repeated
+        dataset re-reads every batch trained so far).
 
         Returns:
             History: a dict of lists, one entry per epoch run now: "epoch" (1-based), the

@@ -79,8 +79,50 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, repeat):
     assert tf.train.latest_checkpoint(directory).endswith("ckpt-12")
 
 
-def test_no_host_sync_per_step_and_epoch_mean():
-    """The epoch's loss is the mean of the step losses, read once at the epoch end."""
+def host_reads(monkeypatch):
+    """Count every device-to-host read of an eager tensor: `.numpy()`, `float()`, `int()`,
+    `bool()` and `np.asarray` all go through `_EagerTensorBase._numpy` (a variable's `.numpy()`
+    reads a tensor too)."""
+    from tensorflow.python.framework import ops
+
+    count = [0]
+    original = ops._EagerTensorBase._numpy
+
+    def counting(self):
+        count[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(ops._EagerTensorBase, "_numpy", counting)
+    return count
+
+
+def test_host_reads_per_epoch_do_not_grow_with_steps(monkeypatch):
+    """With progress off, a fit reads the device a fixed number of times per epoch (the epoch's
+    summed logs, the metrics, the step counters), however many steps the epoch has: an epoch of
+    8 steps reads exactly as often as one of 2. A per-step `float(loss)` would add 6 reads."""
+
+    def reads(batches, epochs):
+        keras.utils.set_random_seed(0)
+        _, trainer = make_trainer(model_with_dropout().get_weights(), None)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(4 * batches, 8, 8, 3)).astype("float32")
+        y = rng.integers(0, 3, size=(4 * batches, 8, 8)).astype("int32")
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+        count = host_reads(monkeypatch)
+        history = trainer.fit(ds, epochs=epochs)
+        monkeypatch.undo()
+        assert int(trainer.step.numpy()) == batches * epochs
+        assert np.isfinite(history["loss"]).all()
+        return count[0]
+
+    for epochs in (1, 2):
+        two, eight = reads(2, epochs), reads(8, epochs)
+        assert two > 0  # the counter sees the epoch-end reads
+        assert eight == two, f"{epochs} epoch(s): {eight} host reads for 8 steps, {two} for 2"
+
+
+def test_epoch_loss_is_the_mean_of_the_step_losses():
+    """The epoch's loss is the mean of the step losses, summed on the device."""
     keras.utils.set_random_seed(0)
     _, trainer = make_trainer(model_with_dropout().get_weights(), None)
     seen = []
@@ -93,7 +135,7 @@ def test_no_host_sync_per_step_and_epoch_mean():
 
     trainer._train_fn = recording
     history = trainer.fit(dataset(False), epochs=1)
-    assert all(isinstance(v, tf.Tensor) for v in seen)  # handed back as device tensors
+    assert len(seen) == 4
     assert history["loss"][0] == pytest.approx(np.mean([float(v) for v in seen]), rel=1e-6)
 
 

@@ -131,11 +131,31 @@ def test_gan_task_two_replicas_equal_one_device(conditional):
     keras.utils.set_random_seed(0)
     initial = [m.get_weights() for m in gan_models(conditional)]
     one, history = run_gan(tf.distribute.get_strategy(), initial, ds, conditional)
-    two, history2 = run_gan(mirrored(), initial, ds, conditional)
+    strategy = mirrored()
+    two, history2 = run_gan(strategy, initial, ds, conditional)
     assert set(history) >= {"d_loss", "g_loss"}
     assert moved(one, initial) > 1e-3
     np.testing.assert_allclose(history2["d_loss"], history["d_loss"], rtol=1e-5)
-    assert_same_weights(two, one)
+    assert_same_weights(two, one)  # replica 0's copy of every variable
+    # Moving statistics are kept per replica (aggregation "none"): `get_weights()` returns
+    # replica 0's, so read both replicas' copies.
+    checked = 0
+    for model, reference in zip(two, one, strict=True):
+        for layer, ref in zip(model.layers, reference.layers, strict=True):
+            if not isinstance(layer, keras.layers.BatchNormalization):
+                continue
+            for variable, want in (
+                (layer.moving_mean, ref.moving_mean),
+                (layer.moving_variance, ref.moving_variance),
+            ):
+                values = strategy.experimental_local_results(variable.value)
+                assert len(values) == 2
+                for replica, value in enumerate(values):
+                    np.testing.assert_allclose(
+                        np.asarray(value), np.asarray(want), atol=1e-5, err_msg=f"{replica}"
+                    )
+                checked += 1
+    assert checked == 4  # moving mean and variance of the generator's and discriminator's BN
 
 
 def test_gan_task_errors():
@@ -290,3 +310,103 @@ def test_resnet18_defaults_train_without_logits_warnings(caplog):
     assert history["loss"][0] == pytest.approx(want_train, rel=1e-4)
     want_eval = numpy_ce(y, model.predict(x, verbose=0), from_logits=from_logits)
     assert result["loss"] == pytest.approx(want_eval, rel=1e-4)
+
+
+def nested_softmax_model():
+    """`outer = keras.Model(i, inner(i))`, the inner model ending in a softmax Dense."""
+    i = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(i)
+    inner = keras.Model(i, keras.layers.Dense(3, activation="softmax")(h))
+    j = keras.Input((8, 8, 3))
+    return keras.Model(j, inner(j))
+
+
+def test_nested_softmax_model_is_not_given_a_second_softmax():
+    """The default loss of a model whose softmax sits in a nested sub-model is -log p of its
+    output (it used to be read as "unknown", then as logits: a silent double softmax)."""
+    model = nested_softmax_model()
+    x, y = ignored_data(4)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    result = Trainer(model, ignore_index=255, progress=False).evaluate(ds)
+    probs = model.predict(x, verbose=0)
+    want = numpy_ce(y, probs, from_logits=False, ignore_index=255)
+    assert result["loss"] == pytest.approx(want, rel=1e-5)
+    assert abs(numpy_ce(y, probs, from_logits=True, ignore_index=255) - want) > 1e-2
+    with pytest.raises(ValueError, match="twice"):
+        SupervisedTask(model, loss=SparseCrossEntropy(from_logits=True))
+
+
+def unknown_model():
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(3, 1)(inp)
+    b = keras.layers.Conv2D(3, 1)(inp)
+    return keras.Model(inp, keras.layers.Add()([a, b]))
+
+
+def test_unknown_output_kind_needs_an_explicit_loss():
+    model = unknown_model()
+    with pytest.raises(ValueError, match=r"output_kind='unknown'.*explicit loss"):
+        SupervisedTask(model)
+    with pytest.raises(ValueError, match="explicit loss"):
+        Trainer(model, progress=False)
+    # An explicit loss is taken at its word.
+    x, y = ignored_data(4)
+    y = np.where(y == 255, 0, y)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    trainer = Trainer(model, loss=SparseCrossEntropy(from_logits=True), progress=False)
+    result = trainer.evaluate(ds)
+    assert result["loss"] == pytest.approx(numpy_ce(y, model.predict(x, verbose=0)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "sparse_categorical_crossentropy",
+        "SparseCategoricalCrossentropy",
+        keras.losses.sparse_categorical_crossentropy,
+        "ce",
+    ],
+    ids=["name", "class_name", "function", "dlmodels_name"],
+)
+@pytest.mark.parametrize("activation", [None, "softmax"], ids=["logits", "softmax"])
+def test_cross_entropy_by_name_follows_the_model_output(loss, activation):
+    """A loss by name / as Keras' function has no from_logits of the caller's (Keras' default
+    is False): it is built for what the model returns, so logits are never read as
+    probabilities (nor probabilities given a second softmax); ignored pixels are excluded."""
+    model = seg_model(activation)
+    x, y = ignored_data(4)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    result = Trainer(model, loss=loss, ignore_index=255, progress=False).evaluate(ds)
+    scores = model.predict(x, verbose=0)
+    from_logits = activation is None
+    want = numpy_ce(y, scores, from_logits=from_logits, ignore_index=255)
+    assert result["loss"] == pytest.approx(want, rel=1e-5)
+    wrong = numpy_ce(y, scores, from_logits=not from_logits, ignore_index=255)
+    assert abs(wrong - want) > 1e-2  # the test can tell the two readings apart
+
+
+def test_binary_cross_entropy_by_name_follows_the_model_output():
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(4, activation="relu")(inp)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5)).astype("float32")
+    y = rng.integers(0, 2, size=(8, 1)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    for activation in (None, "sigmoid"):
+        model = keras.Model(inp, keras.layers.Dense(1, activation=activation)(h))
+        task = SupervisedTask(model, task="classification", loss="binary_crossentropy", metrics=[])
+        result = Trainer(task, progress=False).evaluate(ds)
+        out = model.predict(x, verbose=0)
+        p = np.clip(1 / (1 + np.exp(-out)) if activation is None else out, 1e-7, 1 - 1e-7)
+        want = float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+        assert result["loss"] == pytest.approx(want, rel=1e-4), activation
+
+
+def test_cross_entropy_by_name_is_refused_when_the_output_kind_is_unknown():
+    for loss in ("sparse_categorical_crossentropy", keras.losses.categorical_crossentropy):
+        with pytest.raises(ValueError, match=r"by name.*output_kind='unknown'.*from_logits"):
+            SupervisedTask(unknown_model(), loss=loss)
+    with pytest.raises(ValueError, match="sigmoid"):
+        SupervisedTask(seg_model("sigmoid"), loss="sparse_categorical_crossentropy")
+    # A loss that is not a cross-entropy keeps working by name.
+    assert SupervisedTask(unknown_model(), loss="mse").loss is not None
