@@ -2,11 +2,14 @@
 
 Heavy imports (TensorFlow, onnxruntime) happen inside the commands so `dlmodels --help` is fast.
 
-Errors: a user error (a bad path, format, size or option, an existing output, data that do not
-match the model) prints one plain line `error: ...` to stderr and exits with status 2, for every
-command, whatever the terminal width (no panel, no traceback). Anything else is a bug or an
-environment problem: one line `internal error: ...` and status 1; set DLMODELS_DEBUG=1 to get the
-traceback instead.
+Errors: a user error prints one plain line `error: ...` to stderr and exits with status 2, for
+every command, whatever the terminal width (no panel, no traceback). User errors are click/typer
+usage errors (BadParameter included), FileNotFoundError / FileExistsError (and the other
+path-kind OS errors) on the paths given, and `dlmodels.errors.UserError`, which dlmodels' own
+validation raises (bad formats, data that do not match the model, invalid manifests, ops ONNX
+cannot express, ...). Anything else, a plain ValueError from Keras or tf2onnx included, is a bug
+or an environment problem: one line `internal error: ...` and status 1; set DLMODELS_DEBUG=1 to
+get the traceback instead.
 """
 
 from __future__ import annotations
@@ -20,20 +23,19 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from dlmodels.errors import UserError
+
 USER_ERROR_EXIT = 2
 DEBUG_ENV = "DLMODELS_DEBUG"
 
 
-class UserError(ValueError):
-    """A mistake in what the user asked for: reported as one line, exit status 2."""
-
-
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    # ValueError covers export's argument checks (UnsupportedOpError included); the OS errors
-    # are missing inputs and refused overwrites.
+    # dlmodels' own validation raises UserError (ManifestError, UnsupportedOpError and the
+    # argument checks of dlmodels._validation included); the OS errors are missing inputs and
+    # refused overwrites. A bare ValueError is not here: from Keras, TensorFlow, tf2onnx or
+    # onnxruntime it is a bug or an environment problem, reported as an internal error.
     return (
         UserError,
-        ValueError,
         FileNotFoundError,
         FileExistsError,
         NotADirectoryError,
@@ -155,10 +157,7 @@ def _existing_file(path: Path, what: str, param_hint: str) -> Path:
 
 
 def _load_model(path: Path):
-    import keras
-
-    import dlmodels.layers  # registers the custom layers a saved model refers to
-    import dlmodels.models  # noqa: F401
+    import dlmodels
 
     _existing_file(path, "model file", "MODEL_PATH")
     if path.is_dir() or path.suffix != ".keras":
@@ -167,7 +166,8 @@ def _load_model(path: Path):
             "model.save('model.keras') or `dlmodels train`."
         )
     try:
-        return keras.saving.load_model(str(path), safe_mode=True)
+        # dlmodels.load_model registers every dlmodels serializable (layers, losses, metrics).
+        return dlmodels.load_model(str(path), safe_mode=True)
     except Exception as err:
         raise UserError(
             f"cannot load {path} as a Keras model ({type(err).__name__}: "
@@ -199,6 +199,14 @@ def train_cmd(
     from dlmodels.export._atomic import check_target
 
     size = _parse_size(image_size)
+    import dlmodels.models as registry
+
+    if model.lower() not in registry.list():
+        raise typer.BadParameter(
+            f"{model!r} is not a registered model; choose from {', '.join(registry.list())} "
+            "(see `dlmodels models`)",
+            param_hint="--model",
+        )
     check_target(output, overwrite=overwrite)  # refuse before minutes of training
     result = demo.train_segmentation(
         model_name=model,
@@ -242,35 +250,78 @@ def _random_inputs(model, n: int, image_size, seed: int) -> dict:
     return out
 
 
-def _task_metric(task, num_classes, labels):
-    """(metric_name, metric) for the model's task when labels were given, else (None, None)."""
+def _task_metric(model, labels, ignore_index: int | None = None):
+    """(metric_name, metric) for the model's task when labels were given, else (None, None).
+
+    Segmentation: mIoU over the classes, pixels labelled `ignore_index` left out. Classification:
+    accuracy of the first output; a 1-unit output is thresholded according to what the model
+    says it returns (`model_output_kinds`): 0.5 for a sigmoid, 0 for logits. A 1-unit output of
+    another kind gets no metric (parity only) rather than a guess.
+    """
     import numpy as np
 
+    from dlmodels import export
+
+    task, num_classes = export.model_task(model)
     if labels is None or task is None:
         return None, None
+    _check_labels(labels, num_classes, ignore_index)
     if task == "segmentation":
         from dlmodels.metrics import confusion_matrix_iou
 
         def miou(y, outputs):
             logits = outputs[0] if isinstance(outputs, list) else outputs
-            return float(confusion_matrix_iou(y, np.argmax(logits, -1), num_classes)[0])
+            pred = np.argmax(logits, -1)
+            return float(confusion_matrix_iou(y, pred, num_classes, ignore_index=ignore_index)[0])
 
         return "miou", miou
+
+    kind = next(iter(export.model_output_kinds(model).values()), "unknown")
+    if model.outputs[0].shape[-1] == 1 and kind not in ("sigmoid", "logits"):
+        return None, None
+    threshold = 0.5 if kind == "sigmoid" else 0.0
 
     def accuracy(y, outputs):
         scores = outputs[0] if isinstance(outputs, list) else outputs
         y = np.asarray(y).reshape(len(scores), -1)[:, 0] if np.ndim(y) > 1 else np.asarray(y)
-        if scores.shape[-1] == 1:
-            pred = scores[:, 0] > (0.5 if scores.min() >= 0 and scores.max() <= 1 else 0.0)
-        else:
-            pred = np.argmax(scores, -1)
-        return float(np.mean(pred.astype(int) == y.astype(int)))
+        pred = scores[:, 0] > threshold if scores.shape[-1] == 1 else np.argmax(scores, -1)
+        keep = np.ones(len(y), bool) if ignore_index is None else y != ignore_index
+        if not keep.any():
+            return float("nan")
+        return float(np.mean(pred[keep].astype(int) == y[keep].astype(int)))
 
     return "accuracy", accuracy
 
 
+def _check_labels(labels, num_classes: int, ignore_index: int | None) -> None:
+    """Labels must be class ids in [0, num_classes) or the ignore index: say so up front, not
+    as an error deep inside the metric."""
+    import numpy as np
+
+    y = np.asarray(labels)
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise UserError(f"labels (y) have dtype {y.dtype}; expected integer class ids")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.mod(y, 1) == 0):
+        raise UserError("labels (y) are not whole numbers; expected integer class ids")
+    values = y if ignore_index is None else y[y != ignore_index]
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        hint = (
+            " Mark void pixels or samples with --ignore-index (e.g. --ignore-index 255)."
+            if ignore_index is None
+            else f" (--ignore-index {ignore_index} is left out)."
+        )
+        raise UserError(
+            f"labels (y) hold values in [{values.min()}, {values.max()}]; the model has "
+            f"{num_classes} classes, so labels must lie in [0, {num_classes})." + hint
+        )
+
+
 def _split(inputs: dict, labels, calibration_samples: int, verify_samples: int):
-    """Calibration and verification samples from the user's data, disjoint when possible."""
+    """Calibration and verification samples from the user's data, disjoint when possible.
+
+    `inputs` / `labels` come in a seeded random order already (`load_arrays(seed=...)`), so
+    neither part is biased by how the file is sorted (e.g. by class).
+    """
     n = len(next(iter(inputs.values())))
     if n >= 4:
         cut = min(calibration_samples, (n + 1) // 2)
@@ -332,9 +383,13 @@ def export_cmd(
     reduce_range: Annotated[
         str, typer.Option(help="auto (from this CPU's instruction set), on or off")
     ] = "auto",
+    ignore_index: Annotated[
+        int | None,
+        typer.Option(help="label value left out of the metric (void pixels, e.g. 255)"),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     overwrite: bool = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="shuffles --data before the split; random inputs")] = 0,
 ):
     """Export a .keras model to .keras / SavedModel / ONNX / int8 ONNX, verify every artifact
     against Keras and write manifest.json. Task (segmentation / classification), classes,
@@ -375,8 +430,15 @@ def export_cmd(
         from dlmodels.data.arrays import load_arrays
 
         wanted = wanted or list(export.FORMATS)
+        # A seeded random subset, in random order: the calibration / verification split below
+        # is then unbiased on sorted data, and only what is used is held in memory.
         inputs, all_labels = load_arrays(
-            data, names, input_shapes=[tuple(t.shape) for t in model.inputs], image_size=size
+            data,
+            names,
+            input_shapes=[tuple(t.shape) for t in model.inputs],
+            image_size=size,
+            max_samples=calibration_samples + verify_samples,
+            seed=seed,
         )
         calib, check, labels, disjoint = _split(
             inputs, all_labels, calibration_samples, verify_samples
@@ -387,7 +449,7 @@ def export_cmd(
             + ("" if disjoint else " (the same samples: fewer than 4 given)")
             + ("" if labels is not None else "; no labels (y): parity only, no task metric")
         )
-    metric_name, metric = _task_metric(task, num_classes, labels)
+    metric_name, metric = _task_metric(model, labels, ignore_index)
     say(
         f"{model.name}: task {task or 'unknown (parity only)'}"
         + (f", {num_classes} classes" if num_classes else "")
@@ -440,10 +502,15 @@ def verify_cmd(
     image_size: Annotated[str | None, typer.Option(help="HxW for dynamic-size models")] = None,
     samples: Annotated[int, typer.Option(min=1)] = 16,
     atol: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    ignore_index: Annotated[
+        int | None,
+        typer.Option(help="label value left out of the metric (void pixels, e.g. 255)"),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="picks the --data samples; random inputs")] = 0,
 ):
     """Run an ONNX file in a fresh onnxruntime process and compare it with the Keras model.
+    With labels (y) in --data, the task metric (mIoU / accuracy) is computed on both.
     Exit status 1 when max |err| exceeds --atol."""
     _quiet_tf()
     import dataclasses
@@ -453,21 +520,31 @@ def verify_cmd(
     _existing_file(onnx_path, "ONNX file", "ONNX_PATH")
     size = None if image_size is None else _parse_size(image_size)
     model = _load_model(model_path)
+    labels = None
     if data is None:
         inputs = _random_inputs(model, samples, size, seed)
     else:
         from dlmodels.data.arrays import load_arrays
 
         _existing_file(data, "file", "--data")
-        inputs, _ = load_arrays(
+        inputs, labels = load_arrays(
             data,
             [t.name for t in model.inputs],
             input_shapes=[tuple(t.shape) for t in model.inputs],
             image_size=size,
             max_samples=samples,
+            seed=seed,
         )
     inputs = export.sample_dict(model, inputs)
-    report = export.verify(model, onnx_path, inputs, atol=atol)
+    _, metric = _task_metric(model, labels, ignore_index)
+    report = export.verify(
+        model,
+        onnx_path,
+        inputs,
+        atol=atol,
+        labels=labels if metric is not None else None,
+        metric=metric,
+    )
     if json_output:
         sys.stdout.write(json.dumps(dataclasses.asdict(report), default=str) + "\n")
     else:
@@ -495,6 +572,7 @@ def quantize_cmd(
     image_size: Annotated[str | None, typer.Option(help="HxW for dynamic-size inputs")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the settings as JSON")] = False,
     overwrite: bool = False,
+    seed: Annotated[int, typer.Option(help="picks the calibration samples from --data")] = 0,
 ):
     """Quantize an ONNX file (static int8 QDQ with calibration data, dynamic int8, or fp16) and
     print the settings used (reduce_range, calibration samples, ...)."""
@@ -530,6 +608,7 @@ def quantize_cmd(
             input_shapes=shapes,
             image_size=None if image_size is None else _parse_size(image_size),
             max_samples=calibration_samples,
+            seed=seed,
         )
     report = export.quantize_with_report(
         onnx_path,

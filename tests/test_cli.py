@@ -28,7 +28,10 @@ def test_models_lists_registry():
 
 @pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory):
-    """A 21-class U-Net (depth 2, 4 filters, 32x32) saved as .keras, plus matching data."""
+    """A 21-class U-Net (depth 2, 4 filters, 32x32) saved as .keras, plus matching data.
+
+    Seeded weights and data, and 32 samples: the export splits them into 16 calibration samples
+    (two int8 calibration batches of 8) and 16 verification samples."""
     import dlmodels.models as registry
 
     keras.utils.set_random_seed(0)
@@ -40,8 +43,8 @@ def tiny_model_file(tmp_path_factory):
     path = root / "unet21.keras"
     model.save(path)
     rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (16, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 21, (16, 32, 32)).astype("int32")
+    x = rng.uniform(0, 1, (32, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 21, (32, 32, 32)).astype("int32")
     np.savez(root / "data.npz", x=x, y=y)
     return path, root / "data.npz"
 
@@ -58,6 +61,9 @@ def _error_cases(tmp_path, model_file, data_file):
     existing.mkdir()
     (existing / "manifest.json").write_text("{}")
     np.savez(d / "wrong.npz", x=np.zeros((4, 8, 8, 3), "float32"))
+    void = np.zeros((8, 32, 32), "int32")
+    void[:, :2] = 255
+    np.savez(d / "void.npz", x=np.zeros((8, 32, 32, 3), "float32"), y=void)
     (d / "taken.keras").write_bytes(b"x")
     m, dne, exists = str(model_file), "does not exist", "already exists"
     nope, none, onnx, taken = (
@@ -78,6 +84,14 @@ def _error_cases(tmp_path, model_file, data_file):
             ["input 'image'", "8, 8, 3)", "(None, 32, 32, 3)"],
         ),
         "train onto an existing model": (["train", "--output", taken], [taken, exists]),
+        "train an unknown model": (
+            ["train", "--model", "nope_net", "--output", str(d / "n.keras")],
+            ["--model", "'nope_net' is not a registered model"],
+        ),
+        "labels outside the classes": (
+            ["export", m, "--output-dir", str(d / "o3"), "--data", str(d / "void.npz")],
+            ["[0, 255]", "21 classes", "--ignore-index"],
+        ),
         "verify a missing onnx": (["verify", m, onnx], [onnx, dne]),
     }
 
@@ -91,6 +105,8 @@ CASES = [
     "existing output",
     "data not matching the model",
     "train onto an existing model",
+    "train an unknown model",
+    "labels outside the classes",
     "verify a missing onnx",
 ]
 
@@ -108,6 +124,41 @@ def test_user_errors_are_one_line_and_exit_2(case, tmp_path, tiny_model_file):
         assert text in lines[0], (text, lines[0])
     for junk in ("Traceback", "╭", "│", "Usage:"):
         assert junk not in result.output
+
+
+def test_library_errors_are_internal_errors_exit_1(tmp_path, tiny_model_file, monkeypatch):
+    """A ValueError that dlmodels' validation did not raise (here: as from tf2onnx) is a bug,
+    not a user mistake: `internal error: ...`, exit 1, the traceback only with DLMODELS_DEBUG."""
+    from dlmodels import export
+
+    def broken(*args, **kwargs):
+        raise ValueError("tf2onnx could not map node 'x'")
+
+    monkeypatch.setattr(export, "write_repository", broken)
+    args = ["export", str(tiny_model_file[0]), "--output-dir", str(tmp_path / "o")]
+    result = runner.invoke(app, args, env={"COLUMNS": "40", "DLMODELS_DEBUG": ""})
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("internal error: ValueError: tf2onnx could not map node 'x'")
+    assert lines[0].endswith("(set DLMODELS_DEBUG=1 for the traceback)")
+    assert "Traceback" not in result.output
+    debug = runner.invoke(app, args, env={"DLMODELS_DEBUG": "1"})
+    assert isinstance(debug.exception, ValueError) and "tf2onnx" in str(debug.exception)
+
+
+def test_dlmodels_validation_errors_are_user_errors():
+    from dlmodels._validation import check_choice, check_positive_int
+    from dlmodels.errors import UserError
+    from dlmodels.export import UnsupportedOpError
+    from dlmodels.runtime import ManifestError
+
+    assert issubclass(ManifestError, UserError) and issubclass(UnsupportedOpError, UserError)
+    assert issubclass(UserError, ValueError)  # callers catching ValueError keep working
+    with pytest.raises(UserError):
+        check_choice("norm", "foo", ["batch", "group"])
+    with pytest.raises(UserError):
+        check_positive_int("filters", 0)
 
 
 def test_console_script_reports_one_line(tmp_path):
@@ -132,14 +183,18 @@ def _manifest(out):
 
 
 def test_export_21_class_unet_with_data(tmp_path, tiny_model_file):
+    """Every artifact must pass, int8 included. The net is untrained and the labels random, so
+    its mIoU is ~0.004 and the mIoU-drop bar cannot bite: int8 is judged by its argmax agreement
+    with Keras. Seeded, it is 0.976 here with reduce_range on and off (21 nearly tied logits:
+    int8 flips ~2.4% of the pixels), so the bar is set explicitly at 0.95, tighter than the
+    default 0.9."""
     model_file, data_file = tiny_model_file
     out = tmp_path / "repo"
-    result = runner.invoke(
-        app, ["export", str(model_file), "--output-dir", str(out), "--data", str(data_file)]
-    )
-    assert result.exit_code in (0, 1), result.output
+    args = ["export", str(model_file), "--output-dir", str(out), "--data", str(data_file)]
+    result = runner.invoke(app, [*args, "--int8-min-agreement", "0.95"])
+    assert result.exit_code == 0, result.output
     assert "segmentation, 21 classes" in result.output
-    assert "8 calibration and 8 verification samples" in result.output
+    assert "16 calibration and 16 verification samples" in result.output
     arts = _manifest(out)
     assert set(arts) == {"keras", "saved_model", "onnx", "int8"}
     for fmt, a in arts.items():
@@ -155,14 +210,17 @@ def test_export_21_class_unet_with_data(tmp_path, tiny_model_file):
         ], fmt
         assert (a["task"], a["num_classes"]) == ("segmentation", 21)
         assert a["metric"]["name"] == "miou" and 0 <= a["metric"]["artifact"] <= 1
-        assert a["parity"]["n_samples"] == 8
+        assert a["parity"]["n_samples"] == 16
+        assert a["parity"]["passed"] is True, (fmt, a["parity"])
     for fmt in ("keras", "saved_model", "onnx"):
         assert arts[fmt]["parity"]["max_abs_error_vs_keras"] <= 1e-4, fmt
-        assert arts[fmt]["parity"]["passed"] is True
-    q = arts["int8"]["quantization"]
-    assert q["calibration_samples"] == 8 and q["per_channel"] is True
+    int8 = arts["int8"]
+    assert int8["parity"]["argmax_agreement"] >= 0.95
+    assert "argmax agreement >= 0.95" in int8["parity"]["judged_by"]
+    q = int8["quantization"]
+    assert q["calibration_samples"] == 16 and q["calibration_batches"] >= 2
+    assert q["per_channel"] is True
     assert isinstance(q["reduce_range"], bool) and q["reduce_range_reason"]
-    assert (result.exit_code == 0) == all(a["parity"]["passed"] for a in arts.values())
 
 
 def _two_input_model():
@@ -177,11 +235,15 @@ def _two_input_model():
 
 
 def test_export_two_input_model_with_data(tmp_path):
+    """Seeded model and data; 32 samples: 16 for calibration (two batches), 16 to verify. The
+    labels are random and the untrained head's two best logits can be 0.002 apart, so int8 may
+    flip one of the 16 predictions: one flip moves the accuracy by 1/16, hence an explicit
+    metric-drop bar of 0.07 (the agreement bar, 0.9, still fails at two flips)."""
     model = _two_input_model()
     model_file = tmp_path / "two.keras"
     model.save(model_file)
     rng = np.random.default_rng(2)
-    n = 16
+    n = 32
     data = tmp_path / "data.npz"
     np.savez(
         data,
@@ -190,12 +252,12 @@ def test_export_two_input_model_with_data(tmp_path):
         y=rng.integers(0, 3, n),
     )
     out = tmp_path / "repo"
-    result = runner.invoke(
-        app,
-        ["export", str(model_file), "--output-dir", str(out), "--json", "--data", str(data)],
-    )
+    args = ["export", str(model_file), "--output-dir", str(out), "--json", "--data", str(data)]
+    bars = ["--int8-max-metric-drop", "0.07", "--int8-min-agreement", "0.9"]
+    result = runner.invoke(app, [*args, *bars])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["passed"] is True
     assert report["task"] == "classification" and report["metric_name"] == "accuracy"
     arts = _manifest(out)
     assert set(arts) == {"keras", "saved_model", "onnx", "int8"}
@@ -208,8 +270,13 @@ def test_export_two_input_model_with_data(tmp_path):
         assert outs["label"]["output_kind"] == "logits"
         assert outs["gate"]["output_kind"] == "sigmoid"
         assert a["parity"]["passed"] is True, (fmt, a["parity"])
+        assert a["parity"]["n_samples"] == 16
     assert [o["name"] for o in arts["onnx"]["outputs"]] == ["label", "gate"]
-    assert arts["int8"]["quantization"]["calibration_samples"] == 8
+    int8 = arts["int8"]
+    assert int8["parity"]["argmax_agreement"] >= 0.9
+    assert int8["metric"]["keras"] - int8["metric"]["artifact"] <= 0.07
+    q = int8["quantization"]
+    assert q["calibration_samples"] == 16 and q["calibration_batches"] >= 2
     rows = {r["artifact"]: r for r in report["rows"]}
     assert rows[".keras file"]["max_abs_error"] <= 1e-5
 
@@ -337,3 +404,105 @@ def test_bench_command_writes_json_with_machine_info(tmp_path):
         assert rows[name]["speedup_vs_keras"] == pytest.approx(base / rows[name]["p50_ms"])
     assert all(r["p50_ms"] > 0 for r in rows.values())
     assert payload["machine"]["cores"] >= 1 and payload["machine"]["tensorflow"]
+
+
+# -- task metrics ---------------------------------------------------------------------------------
+
+
+def _one_unit_model(activation):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,), name="x")
+    return keras.Model(inp, keras.layers.Dense(1, activation=activation, name="score")(inp))
+
+
+def test_binary_accuracy_follows_the_output_kind_not_the_value_range():
+    """Scores 0.3 and 0.7 are probabilities from a sigmoid (threshold 0.5) but logits from a
+    linear head (threshold 0: both positive). Guessing by value range would call both
+    probabilities."""
+    from dlmodels.cli import _task_metric
+
+    scores = np.array([[0.3], [0.7]], "float32")
+    y = np.array([1, 1])
+    name, sigmoid_acc = _task_metric(_one_unit_model("sigmoid"), y)
+    assert name == "accuracy" and sigmoid_acc(y, scores) == 0.5
+    name, logits_acc = _task_metric(_one_unit_model(None), y)
+    assert name == "accuracy" and logits_acc(y, scores) == 1.0
+    assert logits_acc(y, np.array([[-0.2], [0.1]], "float32")) == 0.5
+    # A 1-unit output of unknown kind (relu) gets no metric rather than a guess.
+    assert _task_metric(_one_unit_model("relu"), y) == (None, None)
+
+
+def test_miou_leaves_out_the_ignore_index():
+    from dlmodels.cli import _task_metric
+
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, keras.layers.Conv2D(4, 1)(inp))
+    y = rng.integers(0, 4, (3, 8, 8))
+    y[:, :3] = 255
+    logits = rng.normal(0, 1, (3, 8, 8, 4))
+    pred = np.argmax(logits, -1)
+    keep = y != 255
+    ious = []
+    for c in range(4):
+        t, p = (y == c) & keep, (pred == c) & keep
+        if (t | p).any():
+            ious.append((t & p).sum() / (t | p).sum())
+    name, miou = _task_metric(model, y, ignore_index=255)
+    assert name == "miou"
+    assert miou(y, logits) == pytest.approx(np.mean(ious))
+    with pytest.raises(ValueError, match="--ignore-index"):
+        _task_metric(model, y)
+
+
+def test_export_and_verify_with_an_ignore_index(tmp_path, tiny_model_file):
+    model_file, data_file = tiny_model_file
+    with np.load(data_file) as data:
+        x, y = data["x"], data["y"].copy()
+    y[:, :, :4] = 255  # a void border
+    void = tmp_path / "void.npz"
+    np.savez(void, x=x, y=y)
+    out = tmp_path / "repo"
+    args = ["export", str(model_file), "--output-dir", str(out), "--formats", "onnx"]
+    result = runner.invoke(app, [*args, "--data", str(void), "--ignore-index", "255", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["metric_name"] == "miou" and 0 <= report["keras_metric"] <= 1
+    verify = ["verify", str(model_file), str(out / "model.onnx"), "--data", str(void), "--json"]
+    verified = runner.invoke(app, [*verify, "--ignore-index", "255"])
+    assert verified.exit_code == 0, verified.output
+    checked = json.loads(verified.stdout)
+    assert 0 <= checked["metric_keras"] <= 1
+    assert checked["metric_onnx"] == pytest.approx(checked["metric_keras"], abs=1e-6)
+    refused = runner.invoke(app, verify)
+    assert refused.exit_code == 2 and "--ignore-index" in refused.stderr
+
+
+# -- data loading -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz_compressed", "npy"])
+def test_load_arrays_reads_a_seeded_subset(tmp_path, kind):
+    """Class-sorted data: the first N would hold one class; a seeded subset holds them all, the
+    rows matching their labels, the same for the same seed."""
+    from dlmodels.data.arrays import load_arrays
+
+    x = np.repeat(np.arange(4), 50).astype("float32")[:, None, None] * np.ones((1, 2, 3), "f4")
+    y = np.repeat(np.arange(4), 50)
+    path = tmp_path / f"data.{kind[:3]}"
+    if kind == "npy":
+        np.save(path, x)
+    else:
+        (np.savez_compressed if kind == "npz_compressed" else np.savez)(path, x=x, y=y)
+    first, first_y = load_arrays(path, ["image"], max_samples=20)
+    assert np.array_equal(first["image"], x[:20]) and set(first["image"][:, 0, 0]) == {0.0}
+    inputs, labels = load_arrays(path, ["image"], max_samples=20, seed=3)
+    got = inputs["image"]
+    assert got.shape == (20, 2, 3) and set(got[:, 0, 0]) == {0.0, 1.0, 2.0, 3.0}
+    again, _ = load_arrays(path, ["image"], max_samples=20, seed=3)
+    assert np.array_equal(again["image"], got)
+    if kind != "npy":
+        assert np.array_equal(labels, got[:, 0, 0].astype(int)) and first_y.tolist() == [0] * 20
+    everything, _ = load_arrays(path, ["image"], seed=3)
+    assert len(everything["image"]) == 200

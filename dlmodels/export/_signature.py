@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from dlmodels.errors import UserError
+
 
 def input_names(model) -> list[str]:
     """The Keras input names, which become the signature / ONNX input names."""
@@ -25,7 +27,7 @@ def output_names(model) -> list[str]:
 
 def _require_functional(model) -> None:
     if not getattr(model, "inputs", None):
-        raise ValueError(
+        raise UserError(
             f"model {getattr(model, 'name', model)!r} has no symbolic inputs; export needs a "
             "functional model (keras.Model(inputs, outputs)) or a model that has been built by "
             "calling it on a keras.Input. For subclassed models (VAE, GAN) export their "
@@ -68,7 +70,7 @@ def float32_copy(model):
     try:
         clone = model.__class__.from_config(_to_float32_policies(model.get_config()))
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"{model.name!r} computes in float16/bfloat16 and could not be rebuilt in float32 "
             f"from its config ({type(err).__name__}: {err}). Build the model again under "
             "keras.config.set_dtype_policy('float32'), copy the weights with set_weights, and "

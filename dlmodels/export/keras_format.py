@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dlmodels.errors import UserError
 from dlmodels.export._atomic import atomic_path, check_target
 
 
@@ -25,7 +26,7 @@ def to_keras(model, path: str | os.PathLike, *, overwrite: bool = False) -> Path
     """
     path = Path(path)
     if path.suffix != ".keras":
-        raise ValueError(
+        raise UserError(
             f"to_keras writes the .keras format; the path must end in '.keras', got {str(path)!r}. "
             "Use to_saved_model or to_onnx for other formats."
         )

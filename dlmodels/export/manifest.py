@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dlmodels.errors import UserError
 from dlmodels.export._atomic import atomic_write_text
 from dlmodels.runtime.manifest import MANIFEST_VERSION, ONNX_FORMATS
 
@@ -211,6 +212,11 @@ def build_manifest(path: Path, entries: list[ArtifactEntry], model=None) -> dict
         p = Path(e.path)
         if not p.exists():
             raise FileNotFoundError(f"manifest entry {e.format!r}: {p} does not exist")
+        if not p.resolve().is_relative_to(root):
+            raise UserError(
+                f"manifest entry {e.format!r}: {p} is outside {root}, the manifest's directory; "
+                "readers refuse artifacts outside it: write the manifest next to its artifacts"
+            )
         io = describe_io(p, e.format, model)
         kinds = e.output_kinds if e.output_kinds is not None else default_kinds
         for spec in io.get("outputs", []):

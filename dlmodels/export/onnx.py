@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 import tensorflow as tf
 
+from dlmodels.errors import UserError
 from dlmodels.export._atomic import atomic_path, check_target
 from dlmodels.export._signature import (
     float32_copy,
@@ -59,7 +60,7 @@ def _convert(fn, opset: int) -> onnx.ModelProto:
     return model_proto
 
 
-class UnsupportedOpError(ValueError):
+class UnsupportedOpError(UserError):
     """The model uses TensorFlow ops tf2onnx cannot map to ONNX."""
 
 
@@ -166,7 +167,7 @@ def to_onnx(
     path = Path(path)
     check_target(path, overwrite=overwrite)
     if not 7 <= int(opset) <= 18:
-        raise ValueError(f"opset must be between 7 and 18 for tf2onnx 1.17, got {opset}.")
+        raise UserError(f"opset must be between 7 and 18 for tf2onnx 1.17, got {opset}.")
     want_in, want_out = input_names(model), output_names(model)
     source = float32_copy(model)
     if source is not model:

@@ -28,6 +28,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from dlmodels.errors import UserError
 from dlmodels.export._atomic import atomic_path, check_target
 
 MODES = ("static", "dynamic", "fp16")
@@ -130,7 +131,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
     ):
         if input_names is None:
             if input_name is None or input_rank is None:
-                raise ValueError(
+                raise UserError(
                     "ArrayCalibrationReader needs input_names and input_ranks (or input_name and "
                     "input_rank for a single-input graph)."
                 )
@@ -138,14 +139,14 @@ class ArrayCalibrationReader(CalibrationDataReader):
         self.input_names = list(input_names)
         self.input_ranks = [int(r) for r in input_ranks]
         if len(self.input_ranks) != len(self.input_names):
-            raise ValueError(
+            raise UserError(
                 f"input_ranks has {len(self.input_ranks)} entries for "
                 f"{len(self.input_names)} input_names; give one rank per input."
             )
         dtypes = input_dtypes or [np.float32] * len(self.input_names)
         self.input_dtypes = [np.dtype(d) for d in dtypes]
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.max_samples = max_samples
         self._source = calibration
@@ -176,7 +177,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
         data = self._source
         if isinstance(data, np.ndarray):
             if len(self.input_names) != 1:
-                raise ValueError(
+                raise UserError(
                     f"calibration is one array but the graph has inputs {self.input_names}; "
                     "pass a dict of arrays keyed by input name or a list in graph order."
                 )
@@ -196,7 +197,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
         ]
         n = len(arrays[0])
         if any(len(a) != n for a in arrays):
-            raise ValueError(
+            raise UserError(
                 f"calibration arrays have different lengths {[len(a) for a in arrays]} for "
                 f"inputs {self.input_names}; give the same number of samples for every input."
             )
@@ -208,7 +209,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
         if isinstance(item, Mapping):
             missing = [k for k in self.input_names if k not in item]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"calibration batch has keys {sorted(item)}; it lacks graph inputs {missing}"
                 )
             return [item[k] for k in self.input_names]
@@ -218,13 +219,13 @@ class ArrayCalibrationReader(CalibrationDataReader):
             if n == 1:
                 return [item[0]]  # (images, labels)
             if len(item) < n:
-                raise ValueError(
+                raise UserError(
                     f"calibration batch has {len(item)} arrays; the graph has inputs "
                     f"{self.input_names} (give one array per input, in graph order)."
                 )
             return list(item[:n])
         if n != 1:
-            raise ValueError(
+            raise UserError(
                 f"calibration batch is one array but the graph has inputs {self.input_names}; "
                 "yield a dict by input name or a tuple in graph order."
             )
@@ -243,14 +244,14 @@ class ArrayCalibrationReader(CalibrationDataReader):
             if x.ndim == rank - 1:
                 x = x[None]
             if x.ndim != rank:
-                raise ValueError(
+                raise UserError(
                     f"calibration batch for {name!r} has shape {x.shape}; the graph input "
                     f"{name!r} has rank {rank}"
                 )
             feeds[name] = np.ascontiguousarray(x, dtype=dtype)
         sizes = {len(v) for v in feeds.values()}
         if len(sizes) != 1:
-            raise ValueError(f"calibration batch inputs have different batch sizes {sizes}")
+            raise UserError(f"calibration batch inputs have different batch sizes {sizes}")
         size = sizes.pop()
         if self.max_samples is not None:
             left = self.max_samples - self.samples_seen
@@ -415,12 +416,12 @@ def quantize_with_report(
     """
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if mode not in MODES:
-        raise ValueError(
+        raise UserError(
             f"unknown quantization mode {mode!r}; choose one of {MODES} ('static' for CNNs, "
             "'dynamic' for LSTM/Dense-heavy models)."
         )
     if mode == "static" and calibration is None:
-        raise ValueError(
+        raise UserError(
             "mode='static' needs `calibration` data (an array, iterable of batches or "
             "tf.data.Dataset of representative inputs); use mode='dynamic' to quantize without."
         )
@@ -460,7 +461,7 @@ def quantize_with_report(
             # Peek so an empty data set fails here with a clear message, not deep in ORT; the
             # reader keeps what it read, so rewinding replays the peeked batch too.
             if reader.get_next() is None:
-                raise ValueError("`calibration` yielded no samples")
+                raise UserError("`calibration` yielded no samples")
             reader.rewind()
             quantize_static(
                 str(pre),
@@ -473,19 +474,12 @@ def quantize_with_report(
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
-            report = QuantizeReport(
-                path=out_path,
-                mode=mode,
-                format="QDQ",
-                per_channel=bool(per_channel),
-                activation_type="uint8",
-                weight_type="int8",
-                reduce_range=reduce_range,
-                reduce_range_reason=reason,
-                calibration_method="minmax",
-                calibration_samples=reader.samples_seen,
-                calibration_batches=reader.batches_seen,
-            )
+            by_mode = {
+                "format": "QDQ",
+                "calibration_method": "minmax",
+                "calibration_samples": reader.samples_seen,
+                "calibration_batches": reader.batches_seen,
+            }
         else:
             quantize_dynamic(
                 str(pre),
@@ -494,16 +488,17 @@ def quantize_with_report(
                 reduce_range=reduce_range,
                 weight_type=QuantType.QInt8,
             )
-            report = QuantizeReport(
-                path=out_path,
-                mode=mode,
-                format="QOperator",
-                per_channel=bool(per_channel),
-                activation_type="uint8",
-                weight_type="int8",
-                reduce_range=reduce_range,
-                reduce_range_reason=reason,
-            )
+            by_mode = {"format": "QOperator"}
+        report = QuantizeReport(
+            path=out_path,
+            mode=mode,
+            per_channel=bool(per_channel),
+            activation_type="uint8",
+            weight_type="int8",
+            reduce_range=reduce_range,
+            reduce_range_reason=reason,
+            **by_mode,
+        )
         with atomic_path(out_path, overwrite=overwrite) as dst:
             dst.write_bytes(quantized.read_bytes())
     return report

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dlmodels.errors import UserError
 from dlmodels.export._atomic import check_target
 from dlmodels.export.manifest import (
     ArtifactEntry,
@@ -217,21 +218,21 @@ def sample_dict(model, samples) -> dict[str, np.ndarray]:
         missing = [n for n in names if n not in samples]
         unknown = sorted(set(samples) - set(names))
         if missing or unknown:
-            raise ValueError(
+            raise UserError(
                 f"samples has keys {sorted(samples)}; the model's inputs are {names} "
                 f"(missing {missing}, unknown {unknown}). Key the arrays by input name."
             )
         arrays = [samples[n] for n in names]
     elif isinstance(samples, list | tuple):
         if len(samples) != len(names):
-            raise ValueError(
+            raise UserError(
                 f"samples has {len(samples)} arrays; the model has {len(names)} inputs {names}. "
                 "Give one array per input, in model.inputs order, or a dict by input name."
             )
         arrays = list(samples)
     else:
         if len(names) != 1:
-            raise ValueError(
+            raise UserError(
                 f"samples is one array but the model has inputs {names}; pass a list in that "
                 "order or a dict keyed by input name."
             )
@@ -242,25 +243,25 @@ def sample_dict(model, samples) -> dict[str, np.ndarray]:
         want = tuple(tensor.shape)
         if a.ndim != len(want):
             hint = " (add the batch axis)" if a.ndim == len(want) - 1 else ""
-            raise ValueError(
+            raise UserError(
                 f"samples for input {name!r} have shape {a.shape}; the model expects rank "
                 f"{len(want)} {_shape_text(want)}{hint}."
             )
         bad = [i for i, d in enumerate(want) if i > 0 and d is not None and a.shape[i] != d]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"samples for input {name!r} have shape {a.shape}; the model expects "
                 f"{_shape_text(want)}. Resize or reshape the data to the model's input size."
             )
         dtype = np.dtype(str(tensor.dtype))
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-            raise ValueError(
+            raise UserError(
                 f"samples for input {name!r} have dtype {a.dtype}; the model expects {dtype}."
             )
         out[name] = np.ascontiguousarray(a, dtype=dtype)
     sizes = {len(a) for a in out.values()}
     if len(sizes) != 1 or 0 in sizes:
-        raise ValueError(
+        raise UserError(
             f"samples must have the same, non-zero batch size for every input; got "
             f"{ {k: len(v) for k, v in out.items()} }."
         )
@@ -280,12 +281,11 @@ def _pack(model, outputs: Mapping[str, np.ndarray]):
 
 
 def _reload_keras(path: Path):
-    import keras
+    import dlmodels
 
-    import dlmodels.layers  # noqa: F401  registers dlmodels' serializable layers
-
-    # Looked up at call time (not imported by name) so a test can replace the loader.
-    return keras.saving.load_model(str(path), safe_mode=True)
+    # dlmodels.load_model registers every dlmodels serializable (layers, losses, metrics) and
+    # looks keras.saving.load_model up at call time, so a test can replace the loader.
+    return dlmodels.load_model(str(path), safe_mode=True)
 
 
 def _saved_model_outputs(path: Path, samples: dict[str, np.ndarray], batch_size: int) -> dict:
@@ -318,7 +318,7 @@ def _check_formats(formats) -> list[str]:
     wanted = list(dict.fromkeys(formats))
     unknown = [f for f in wanted if f not in FORMATS]
     if unknown or not wanted:
-        raise ValueError(
+        raise UserError(
             f"formats={list(formats)!r}: unknown {unknown or 'none given'}; choose one or more of "
             f"{list(FORMATS)} (e.g. formats=('onnx', 'int8'))."
         )
@@ -362,8 +362,10 @@ def write_repository(
     When "int8" is asked for without "onnx", the fp32 ONNX file is made in a temp directory.
 
     All targets are checked before any work: with `overwrite=False` an existing artifact or
-    manifest raises FileExistsError and nothing is written. If an export fails half-way, the
-    artifacts already written stay (each is complete) and no manifest is written.
+    manifest raises FileExistsError and nothing is written. With `overwrite=True` an existing
+    manifest.json is removed before the first artifact is replaced, so the directory never holds
+    a manifest that does not describe its files. If an export fails half-way, the artifacts
+    already written stay (each is complete) and no manifest is written.
 
     Args:
         model: a functional Keras model (for subclassed models export functional sub-models).
@@ -390,7 +392,7 @@ def write_repository(
             default: it takes seconds and measures the machine, not the export).
         bench_iters / bench_warmup: timed and untimed calls per predictor.
         batch_size: prediction batch size for Keras and the SavedModel.
-        overwrite: replace existing artifacts and manifest.
+        overwrite: replace existing artifacts and manifest (the old manifest is removed first).
 
     Returns:
         A RepositoryReport (one ArtifactResult per artifact, the manifest path).
@@ -405,12 +407,12 @@ def write_repository(
     wanted = _check_formats(formats)
     feeds = sample_dict(model, samples)
     if metric is not None and labels is None:
-        raise ValueError(
+        raise UserError(
             "metric was given without labels; pass labels=... (ground truth for the samples) "
             "or leave metric=None to check parity only."
         )
     if int8_min_agreement is not None and not 0.0 <= int8_min_agreement <= 1.0:
-        raise ValueError(f"int8_min_agreement must be in [0, 1], got {int8_min_agreement}")
+        raise UserError(f"int8_min_agreement must be in [0, 1], got {int8_min_agreement}")
     if metric is None:
         metric_name = None
     elif metric_name is None:
@@ -427,6 +429,10 @@ def write_repository(
     n = len(next(iter(feeds.values())))
 
     expected = export.keras_outputs(model, feeds, batch_size=batch_size)
+    if overwrite:
+        # The old manifest describes the files about to be replaced: drop it before the first
+        # one is touched. A failure from here on leaves complete artifacts and no manifest.
+        _remove_manifest(manifest_path)
 
     def score(outputs) -> float | None:
         return None if metric is None else float(metric(labels, _pack(model, outputs)))
@@ -570,6 +576,12 @@ def write_repository(
         n_samples=n,
         keras_p50_ms=keras_p50,
     )
+
+
+def _remove_manifest(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(f"{path} is a directory; the manifest goes there: remove it")
+    path.unlink(missing_ok=True)
 
 
 def _benchmark(model, feeds, results, *, iters: int, warmup: int) -> float:

@@ -15,6 +15,27 @@ import numpy as np
 _WORKER_MODULE = "dlmodels.runtime.worker"
 """Runs an ONNX file in a fresh process that imports only numpy and onnxruntime."""
 
+_WORKER_PYTHON: tuple[str, ...] = (sys.executable,)
+"""The interpreter command the worker runs under (a test may add flags such as -S)."""
+
+
+def package_root() -> Path:
+    """The directory that holds the `dlmodels` package (a source checkout or site-packages)."""
+    import dlmodels
+
+    return Path(dlmodels.__file__).resolve().parents[1]
+
+
+def worker_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the worker process: `base` (default: this process's environment)
+    with `package_root()` first on PYTHONPATH, so `python -m dlmodels.runtime.worker` imports
+    this same dlmodels whether or not it is pip-installed (the worker runs in a temp dir)."""
+    env = dict(os.environ if base is None else base)
+    root = str(package_root())
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
+    return env
+
 
 class VerificationError(AssertionError):
     """An exported artifact disagrees with its Keras model beyond the tolerance."""
@@ -61,28 +82,6 @@ class VerifyReport:
         return ", ".join(parts)
 
 
-def _feeds(names: list[str], inputs) -> dict[str, np.ndarray]:
-    """Map `inputs` (array, list of arrays in graph order, or dict by name) to graph inputs."""
-    if isinstance(inputs, Mapping):
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise ValueError(f"inputs lack {missing}; the ONNX graph inputs are {names}")
-        arrays = [inputs[n] for n in names]
-    elif isinstance(inputs, list | tuple):
-        if len(inputs) != len(names):
-            raise ValueError(f"got {len(inputs)} input arrays; the ONNX graph has inputs {names}")
-        arrays = list(inputs)
-    else:
-        if len(names) != 1:
-            raise ValueError(f"the ONNX graph has inputs {names}; pass a list or a dict of arrays")
-        arrays = [inputs]
-    # ONNX has no implicit casts: float64 numpy arrays would be refused by the float32 graph.
-    return {
-        n: np.ascontiguousarray(a, dtype=np.float32 if np.asarray(a).dtype == np.float64 else None)
-        for n, a in zip(names, arrays, strict=True)
-    }
-
-
 def onnx_predict(
     path: str | os.PathLike, inputs, *, fresh_process: bool = False
 ) -> list[np.ndarray]:
@@ -96,16 +95,19 @@ def onnx_predict(
 
     Returns:
         A list of numpy arrays, one per graph output.
+
+    Raises:
+        ValueError / TypeError: inputs that do not match the graph (the checks of
+            `dlmodels.runtime.OnnxModel`, which runs the file in both modes).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {path}")
     if not fresh_process:
-        import onnxruntime as ort
+        from dlmodels.runtime import OnnxModel
 
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = _feeds([i.name for i in sess.get_inputs()], inputs)
-        return [np.asarray(o) for o in sess.run(None, feeds)]
+        # The same session, feed checks and casts as a server and the fresh-process worker.
+        return list(OnnxModel(path).run(inputs).values())
     return _run_worker(path, inputs)[0]
 
 
@@ -122,8 +124,9 @@ def _run_worker(path: Path, inputs) -> tuple[list[np.ndarray], list[str], bool]:
         in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         np.savez(in_path, **feeds)
         proc = subprocess.run(
-            [sys.executable, "-m", _WORKER_MODULE, str(path.resolve()), in_path, out_path],
+            [*_WORKER_PYTHON, "-m", _WORKER_MODULE, str(path.resolve()), in_path, out_path],
             cwd=tmp,
+            env=worker_env(),
             capture_output=True,
             text=True,
             check=False,

@@ -2,9 +2,9 @@
 
 `dlmodels.export.write_manifest` writes the file when a model is exported; this module reads
 it wherever the artifacts are used (a serving process, a benchmark, a deployment check) and
-imports only the standard library, so reading a manifest never pulls in TensorFlow or Keras.
-The writer takes its schema constants (`MANIFEST_VERSION`, `ONNX_FORMATS`, ...) from here, so
-reader and writer cannot drift apart.
+imports only the standard library (and `dlmodels.errors`, which imports nothing), so reading a
+manifest never pulls in TensorFlow or Keras. The writer takes its schema constants
+(`MANIFEST_VERSION`, `ONNX_FORMATS`, ...) from here, so reader and writer cannot drift apart.
 
 A manifest is a JSON object:
 
@@ -14,7 +14,8 @@ A manifest is a JSON object:
     tools              {tensorflow, keras, tf2onnx, onnx, onnxruntime, numpy, dlmodels, python}
     artifacts          list (required, may be empty) of
         format         "keras" | "saved_model" | "onnx" | "int8" | "fp16" | "dynamic" | ...
-        path           file or directory, relative to the manifest's directory
+        path           file or directory, relative to the manifest's directory and inside it
+                       (absolute paths and paths that lead out of it are refused)
         size_bytes     bytes on disk
         inputs/outputs [{name, shape: [int | null | "symbolic_name"], dtype}, ...]
         parity         {max_abs_error_vs_keras}
@@ -36,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dlmodels.errors import UserError
+
 MANIFEST_VERSION = 1
 """The version `dlmodels.export.write_manifest` writes."""
 
@@ -51,7 +54,7 @@ ONNX_FORMATS = ("onnx", "int8", "fp16", "dynamic")
 Dim = int | str | None
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest.json that cannot be read, is not valid, or lacks what was asked of it."""
 
 
@@ -69,7 +72,8 @@ class TensorSpec:
         shape: one entry per axis: an int for a fixed size, a string for a named symbolic size
             (e.g. "batch"), None for an unknown size.
         dtype: numpy dtype name ("float32", "int64", ...).
-        extra: keys a newer writer added (e.g. `output_kind`: "logits" | "probabilities").
+        extra: keys a newer writer added (e.g. an output's `output_kind`: "logits" | "softmax" |
+            "sigmoid" | "unknown", see `output_kind`).
     """
 
     name: str
@@ -285,7 +289,7 @@ def _artifact(source: Path, root: Path, i: int, value, check_files: bool) -> Art
     rel = value.get("path", dataclasses.MISSING)
     if not isinstance(rel, str) or not rel:
         _fail(source, f"{key}.path", "a path relative to the manifest's directory", rel)
-    path = (root / rel).resolve()
+    path = _inside(source, root, f"{key}.path", rel)
     if check_files and not path.exists():
         raise ManifestError(
             f"{source}: {key}.path: the artifact {rel!r} does not exist (looked for {path}); "
@@ -308,6 +312,25 @@ def _artifact(source: Path, root: Path, i: int, value, check_files: bool) -> Art
         metric=_dict(source, f"{key}.metric", value.get("metric")),
         extra=extra,
     )
+
+
+def _inside(source: Path, root: Path, key: str, rel: str) -> Path:
+    """`root / rel` resolved, refusing paths that lead out of the manifest's directory: a
+    manifest describes the files next to it, and a served or copied repository must not reach
+    (or be made to reach) files elsewhere on the machine."""
+    if Path(rel).is_absolute() or Path(os.path.splitdrive(rel)[1]).is_absolute():
+        raise ManifestError(
+            f"{source}: {key}: {rel!r} is an absolute path; artifact paths must be relative to "
+            "the manifest's directory and stay inside it (re-export, or edit the path)"
+        )
+    base = root.resolve()
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise ManifestError(
+            f"{source}: {key}: {rel!r} resolves to {path}, outside the manifest's directory "
+            f"{base}; artifact paths must stay inside it (no '..', no links leading out)"
+        )
+    return path
 
 
 def parse_manifest(data: Any, path: str | os.PathLike, *, check_files: bool = True) -> Manifest:
@@ -388,8 +411,10 @@ def load_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Manif
 def find_manifests(root: str | os.PathLike, *, max_depth: int = 3) -> list[Path]:
     """Every manifest.json in a model repository, sorted.
 
-    Looks in `root` itself and up to `max_depth` directory levels below it, which covers
-    `root/manifest.json`, `root/NAME/manifest.json` and `root/NAME/VERSION/manifest.json`.
+    Looks at `max_depth` directory levels counting `root` itself: `root` and the directories up
+    to `max_depth - 1` levels below it. The default 3 covers `root/manifest.json`,
+    `root/NAME/manifest.json` and `root/NAME/VERSION/manifest.json`; max_depth=1 looks in
+    `root` only.
     """
     root = Path(root)
     if not root.is_dir():

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from dlmodels.errors import UserError
 from dlmodels.runtime.manifest import Artifact, Manifest, TensorSpec, load_manifest
 
 # onnxruntime reports element types as "tensor(<type>)".
@@ -101,20 +102,20 @@ class OnnxModel:
         if threads is not None and (
             not isinstance(threads, int) or isinstance(threads, bool) or threads < 0
         ):
-            raise ValueError(
+            raise UserError(
                 f"threads must be an int >= 0 (0: onnxruntime decides), got {threads!r}"
             )
         if optimization not in _OPTIMIZATION:
-            raise ValueError(
+            raise UserError(
                 f"optimization must be one of {list(_OPTIMIZATION)}, got {optimization!r}"
             )
         if cast not in _CASTS:
-            raise ValueError(f"cast must be one of {list(_CASTS)}, got {cast!r}")
+            raise UserError(f"cast must be one of {list(_CASTS)}, got {cast!r}")
         available = ort.get_available_providers()
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         unknown = [p for p in providers if p not in available]
         if not providers or unknown:
-            raise ValueError(
+            raise UserError(
                 f"providers {unknown or providers} are not available in this onnxruntime "
                 f"({ort.__version__}); available: {available}"
             )
@@ -154,7 +155,7 @@ class OnnxModel:
             manifest = load_manifest(manifest)
         artifact = manifest.artifact(format)
         if not artifact.is_onnx:
-            raise ValueError(
+            raise UserError(
                 f"{manifest.path}: artifact {format!r} ({artifact.relpath}) is not an ONNX file; "
                 f"the ONNX artifacts are {[a.format for a in manifest.onnx_artifacts()]}"
             )
@@ -164,7 +165,7 @@ class OnnxModel:
             ("outputs", artifact.output_names, model.output_names),
         ):
             if recorded and recorded != actual:
-                raise ValueError(
+                raise UserError(
                     f"{manifest.path}: artifact {format!r} records {kind} {recorded}, but "
                     f"{artifact.path} has {actual}; the file changed after export: re-export"
                 )
@@ -188,20 +189,20 @@ class OnnxModel:
                     parts.append(f"missing {missing}")
                 if unexpected:
                     parts.append(f"unexpected {unexpected}")
-                raise ValueError(
+                raise UserError(
                     f"{self.path.name}: inputs {', '.join(parts)}; the model's inputs are {names}"
                 )
             arrays = [inputs[n] for n in names]
         elif isinstance(inputs, list | tuple):
             if len(inputs) != len(names):
-                raise ValueError(
+                raise UserError(
                     f"{self.path.name}: got {len(inputs)} input arrays; the model has "
                     f"{len(names)} inputs {names} (pass them in this order, or a dict by name)"
                 )
             arrays = list(inputs)
         else:
             if len(names) != 1:
-                raise ValueError(
+                raise UserError(
                     f"{self.path.name}: the model has inputs {names}; pass a list in this "
                     "order or a dict by name"
                 )
@@ -226,7 +227,7 @@ class OnnxModel:
                 problem = f"rank {arr.ndim} (shape {list(arr.shape)})"
             else:
                 problem = f"shape {list(arr.shape)}"
-            raise ValueError(
+            raise UserError(
                 f"{where} expects rank {spec.rank} with shape {expected} (names and ? are free "
                 f"sizes), got {problem}"
             )
@@ -251,7 +252,7 @@ class OnnxModel:
         names = list(output_names) if output_names is not None else self.output_names
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{self.path.name}: no outputs {unknown}; the model's outputs are "
                 f"{self.output_names}"
             )

@@ -65,8 +65,10 @@ def test_timings_tell_a_slow_predictor_from_a_fast_one():
     timings = bench.compare_predictors(
         {"slow": slow, "fast": lambda x: None}, None, warmup=0, iters=6, rounds=2
     )
+    # Only what a loaded machine cannot flip: sleeping never takes less than asked, and a no-op
+    # would have to be delayed past 5 ms on most of its calls to reach the sleeper's median.
     assert timings["slow"]["p50_ms"] >= 5.0
-    assert timings["fast"]["p50_ms"] < timings["slow"]["p50_ms"] / 2
+    assert timings["fast"]["p50_ms"] < timings["slow"]["p50_ms"]
 
 
 def test_keras_predictor_takes_dicts_and_lists():

@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dlmodels import export
 
@@ -11,6 +14,13 @@ from dlmodels import export
 def test_manifest_fields_and_sizes(model, onnx_file, int8_file, tmp_path):
     out = tmp_path / "artifacts"
     keras_path = export.to_keras(model, out / "model.keras")
+    # Readers refuse artifacts outside the manifest's directory, so the writer does too.
+    with pytest.raises(ValueError, match="outside"):
+        export.write_manifest(out / "manifest.json", [{"format": "onnx", "path": onnx_file}])
+    assert not (out / "manifest.json").exists()
+    (out / "onnx").mkdir()
+    onnx_file = Path(shutil.copy(onnx_file, out / "onnx" / "tiny.onnx"))
+    int8_file = Path(shutil.copy(int8_file, out / "tiny.int8.onnx"))
     sm_path = export.to_saved_model(model, out / "saved_model" / "1")
     entries = [
         export.ArtifactEntry(format="keras", path=keras_path, metric_after=0.9),
@@ -64,6 +74,8 @@ def test_manifest_fields_and_sizes(model, onnx_file, int8_file, tmp_path):
 
 
 def test_manifest_from_demo_rows(model, onnx_file, int8_file, tmp_path):
+    onnx_file = shutil.copy(onnx_file, tmp_path / "model.onnx")
+    int8_file = shutil.copy(int8_file, tmp_path / "model.int8.onnx")
     rows = [
         {"artifact": "keras (TF)", "format": "keras", "path": None, "miou": 0.93},
         {

@@ -140,3 +140,47 @@ def test_clear_value_errors(model, tmp_path, samples, kwargs, match):
     with pytest.raises(ValueError, match=match):
         export.write_repository(model, tmp_path, samples=samples, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_leaves_no_stale_manifest(model, tmp_path, monkeypatch):
+    """Overwriting: the old manifest goes before the first artifact is replaced, so a failure
+    half-way never leaves a manifest describing files that changed or are gone."""
+    x = images(2, seed=8)
+    export.write_repository(model, tmp_path, formats=["keras", "onnx"], samples=x)
+    assert (tmp_path / "manifest.json").exists()
+    seen = {}
+
+    def failing_to_onnx(*args, **kwargs):
+        seen["manifest_during_export"] = (tmp_path / "manifest.json").exists()
+        raise RuntimeError("injected: tf2onnx crashed")
+
+    monkeypatch.setattr(export, "to_onnx", failing_to_onnx)
+    with pytest.raises(RuntimeError, match="injected"):
+        export.write_repository(
+            model, tmp_path, formats=["keras", "onnx"], samples=x, overwrite=True
+        )
+    assert seen == {"manifest_during_export": False}
+    assert not (tmp_path / "manifest.json").exists()
+    assert not list(tmp_path.glob("manifest.json*"))
+    assert (tmp_path / "model.keras").exists()  # complete, replaced before the failure
+    monkeypatch.undo()
+    report = export.write_repository(
+        model, tmp_path, formats=["keras", "onnx"], samples=x, overwrite=True
+    )
+    assert report.passed and report.manifest_path.exists()
+
+
+def test_keras_file_is_reloaded_with_dlmodels_load_model(model, tmp_path, monkeypatch):
+    """dlmodels.load_model registers every dlmodels serializable (layers, losses, metrics)."""
+    import dlmodels
+
+    calls = []
+    real = dlmodels.load_model
+
+    def recording(path, **kwargs):
+        calls.append(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(dlmodels, "load_model", recording)
+    report = export.write_repository(model, tmp_path, formats=["keras"], samples=images(2))
+    assert report.passed and calls == [{"safe_mode": True}]

@@ -1,6 +1,7 @@
 """verify() must catch a wrong file, not just run."""
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -71,3 +72,52 @@ def test_nan_never_passes_even_with_infinite_atol(model, onnx_file, tmp_path):
     report = export.verify(model, path, images(2), atol=np.inf)
     assert not report.passed
     assert report.max_abs_error == float("inf")
+
+
+def test_worker_env_puts_this_dlmodels_first_on_pythonpath():
+    import os
+    from pathlib import Path
+
+    import dlmodels
+
+    verify_module = importlib.import_module("dlmodels.export.verify")  # not the function
+
+    root = verify_module.package_root()
+    assert (root / "dlmodels" / "__init__.py").resolve() == Path(dlmodels.__file__).resolve()
+    env = verify_module.worker_env({"HOME": "/h"})
+    assert env == {"HOME": "/h", "PYTHONPATH": str(root)}
+    env = verify_module.worker_env({"PYTHONPATH": os.pathsep.join(["/a", str(root), "/b"])})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(root), "/a", "/b"]
+
+
+def test_worker_runs_without_dlmodels_installed(onnx_file, monkeypatch):
+    """The worker process runs with -S (no site: neither the editable install's finder nor any
+    .pth) and PYTHONPATH holding only numpy and onnxruntime: it finds dlmodels only through the
+    PYTHONPATH entry verify adds, as when dlmodels runs from a checkout, not pip-installed."""
+    import os
+    import sys
+    from pathlib import Path
+
+    import onnxruntime
+
+    verify_module = importlib.import_module("dlmodels.export.verify")  # not the function
+
+    deps = {str(Path(m.__file__).resolve().parents[1]) for m in (np, onnxruntime)}
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sorted(deps)))
+    monkeypatch.setattr(verify_module, "_WORKER_PYTHON", (sys.executable, "-S"))
+    x = images(2, seed=9)
+    (fresh,) = export.onnx_predict(onnx_file, x, fresh_process=True)
+    (local,) = export.onnx_predict(onnx_file, x)
+    np.testing.assert_allclose(fresh, local, atol=1e-6)
+
+
+def test_in_process_predict_checks_feeds_like_the_runtime(onnx_file):
+    """In-process onnx_predict runs dlmodels.runtime.OnnxModel: the same feed checks and casts."""
+    x = images(2, seed=10)
+    (as_f32,) = export.onnx_predict(onnx_file, x)
+    (as_f64,) = export.onnx_predict(onnx_file, {"image": x.astype("float64")})
+    np.testing.assert_array_equal(as_f32, as_f64)
+    with pytest.raises(ValueError, match=r"unexpected \['img'\]"):
+        export.onnx_predict(onnx_file, {"image": x, "img": x})
+    with pytest.raises(ValueError, match=r"expects rank 4"):
+        export.onnx_predict(onnx_file, x[0])

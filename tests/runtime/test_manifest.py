@@ -159,3 +159,39 @@ def test_tensor_spec_shapes_accept_ints_none_and_names(repo):
     write_json(repo / "manifest.json", data)
     a = load_manifest(repo).artifact()
     assert a.inputs[0].shape == (None, 3) and a.inputs[0].rank == 2
+
+
+@pytest.mark.parametrize(
+    ("rel", "message"),
+    [
+        ("/etc/passwd", "is an absolute path"),
+        ("../outside.onnx", "outside the manifest's directory"),
+        ("sub/../../outside.onnx", "outside the manifest's directory"),
+        ("link/model.onnx", "outside the manifest's directory"),
+    ],
+)
+@pytest.mark.parametrize("check_files", [True, False])
+def test_artifact_paths_leaving_the_manifest_directory_are_refused(
+    repo, tmp_path, rel, message, check_files
+):
+    """A manifest describes the files next to it: absolute paths, `..` and links that lead out
+    are refused (a served repository must not reach files elsewhere), with or without files."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "model.onnx").write_bytes((repo / "model.onnx").read_bytes())
+    (tmp_path / "outside.onnx").write_bytes(b"x")
+    (repo / "link").symlink_to(elsewhere, target_is_directory=True)
+    data = manifest_dict()
+    data["artifacts"][0]["path"] = rel
+    write_json(repo / "manifest.json", data)
+    with pytest.raises(ManifestError, match=rf"artifacts\[0\] \(onnx\)\.path: .*{message}"):
+        load_manifest(repo, check_files=check_files)
+
+
+def test_paths_inside_the_manifest_directory_are_accepted(repo):
+    (repo / "v1").mkdir()
+    (repo / "model.onnx").rename(repo / "v1" / "model.onnx")
+    data = manifest_dict()
+    data["artifacts"][0]["path"] = "v1/../v1/./model.onnx"
+    write_json(repo / "manifest.json", data)
+    assert load_manifest(repo).artifact().path == (repo / "v1" / "model.onnx").resolve()
