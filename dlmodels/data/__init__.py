@@ -1,6 +1,6 @@
 """Data sets for training, calibration and evaluation: numpy arrays and tf.data pipelines that
 shard correctly under tf.distribute."""
 
-from dlmodels.data import shapes
+from dlmodels.data import series, shapes
 
-__all__ = ["shapes"]
+__all__ = ["series", "shapes"]

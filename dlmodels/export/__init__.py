@@ -20,6 +20,13 @@ from dlmodels.export.manifest import (
     write_manifest,
 )
 from dlmodels.export.onnx import DEFAULT_OPSET, UnsupportedOpError, onnx_io, to_onnx
+from dlmodels.export.onnx_rnn import (
+    NativeRNNError,
+    OpAssertionError,
+    assert_ops,
+    op_counts,
+    replace_rnn_loops,
+)
 from dlmodels.export.quantize import (
     ArrayCalibrationReader,
     QuantizeReport,
@@ -54,12 +61,15 @@ __all__ = [
     "ArrayCalibrationReader",
     "ArtifactEntry",
     "ArtifactResult",
+    "NativeRNNError",
+    "OpAssertionError",
     "QuantizeReport",
     "RepositoryReport",
     "UnsupportedOpError",
     "VerificationError",
     "VerifyReport",
     "artifact_size",
+    "assert_ops",
     "compare_outputs",
     "default_reduce_range",
     "keras_outputs",
@@ -67,8 +77,10 @@ __all__ = [
     "model_task",
     "onnx_io",
     "onnx_predict",
+    "op_counts",
     "quantize",
     "quantize_with_report",
+    "replace_rnn_loops",
     "sample_dict",
     "to_keras",
     "to_onnx",

@@ -137,7 +137,12 @@ def _fix_names(model_proto: onnx.ModelProto, want_in: list[str], want_out: list[
 
 
 def to_onnx(
-    model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, overwrite: bool = False
+    model,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    native_rnn: bool = True,
 ) -> Path:
     """Convert `model` to an ONNX file whose graph reads like the Keras model.
 
@@ -156,6 +161,9 @@ def to_onnx(
         opset: ONNX opset (tf2onnx 1.17 supports up to 18).
         overwrite: replace an existing file. Without it an existing `path` raises
             FileExistsError before anything is converted.
+        native_rnn: replace tf2onnx's `Loop` for every Keras GRU (and masked LSTM, SimpleRNN)
+            with the native ONNX GRU / LSTM / RNN op built from the same weights (opset >= 13;
+            `dlmodels.export.onnx_rnn`). False keeps tf2onnx's graph as it comes.
 
     Returns:
         The path written.
@@ -180,6 +188,12 @@ def to_onnx(
         model_proto = _convert(fn, int(opset))
     _check_ops(model_proto, getattr(model, "name", "model"), int(opset))
     _fix_names(model_proto, want_in, want_out)
+    if native_rnn and int(opset) >= 13:
+        # Native ONNX GRU / LSTM / RNN nodes built from the Keras weights instead of tf2onnx's
+        # Loops (GRU always, masked LSTM); a model without recurrent layers comes back as is.
+        from dlmodels.export.onnx_rnn import replace_rnn_loops
+
+        model_proto = replace_rnn_loops(model_proto, source)
     model_proto.producer_name = "dlmodels (tf2onnx)"
     onnx.checker.check_model(model_proto)
     _check_types(model_proto, getattr(model, "name", "model"))

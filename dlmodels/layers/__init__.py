@@ -2,6 +2,7 @@
 
 from dlmodels.layers.conv import NORMS, ConvNormAct, make_activation, make_norm
 from dlmodels.layers.features import FeatureTap
+from dlmodels.layers.recurrent import GRUCell, LastStep, LSTMCell, SequenceCheck
 from dlmodels.layers.residual import BottleneckBlock, ResidualBlock
 
 __all__ = [
@@ -9,7 +10,11 @@ __all__ = [
     "BottleneckBlock",
     "ConvNormAct",
     "FeatureTap",
+    "GRUCell",
+    "LSTMCell",
+    "LastStep",
     "ResidualBlock",
+    "SequenceCheck",
     "make_activation",
     "make_norm",
 ]

@@ -28,6 +28,13 @@ from dlmodels.models.resnet import (
     ResNet152V2,
     resnet_features,
 )
+from dlmodels.models.sequence import (
+    Seq2SeqForecaster,
+    SequenceClassifier,
+    SequenceForecaster,
+    seq2seq_inference_model,
+    teacher_forcing_inputs,
+)
 from dlmodels.models.unet import UNet
 
 __all__ = [
@@ -40,6 +47,9 @@ __all__ = [
     "ResNet101V2",
     "ResNet152",
     "ResNet152V2",
+    "Seq2SeqForecaster",
+    "SequenceClassifier",
+    "SequenceForecaster",
     "UNet",
     "backbone_features",
     "entry",
@@ -50,4 +60,6 @@ __all__ = [
     "output_kind",
     "register",
     "resnet_features",
+    "seq2seq_inference_model",
+    "teacher_forcing_inputs",
 ]

@@ -1,0 +1,83 @@
+"""statsmodels series (no download), windows, train-only normalization, synthetic sequences."""
+
+import socket
+
+import numpy as np
+import pytest
+
+from dlmodels.data import series
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("dlmodels.data.series tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_series_load_from_the_installed_package(no_network):
+    sun = series.load_series("sunspots")
+    assert sun.shape == (309, 1) and sun.dtype == np.float32
+    assert sun[0, 0] == pytest.approx(5.0) and sun[-1, 0] == pytest.approx(2.9)
+    co2 = series.load_series("co2")
+    assert co2.shape == (526, 1) and np.all(np.isfinite(co2))
+    assert 310 < co2[0, 0] < 320 and 365 < co2[-1, 0] < 375  # 1958 and 2001 ppm
+
+
+def test_unknown_series():
+    with pytest.raises(ValueError, match="`name`='airline' is not supported"):
+        series.load_series("airline")
+
+
+def test_windows_align_inputs_and_targets_and_match_tf_data():
+    values = np.arange(10, dtype=np.float32)[:, None]
+    x, y = series.make_windows(values, 3, 2)
+    assert x.shape == (6, 3, 1) and y.shape == (6, 2, 1)
+    np.testing.assert_array_equal(x[0, :, 0], [0, 1, 2])
+    np.testing.assert_array_equal(y[0, :, 0], [3, 4])
+    np.testing.assert_array_equal(y[-1, :, 0], [8, 9])
+    tf_pairs = list(series.tf_windows(values, 3, 2).as_numpy_iterator())
+    np.testing.assert_array_equal(np.stack([p[0] for p in tf_pairs]), x)
+    np.testing.assert_array_equal(np.stack([p[1] for p in tf_pairs]), y)
+    _, y_late = series.make_windows(values, 3, 2, start=7)
+    np.testing.assert_array_equal(y_late[:, 0, 0], [7, 8])
+
+
+def test_held_out_tail_and_train_only_normalization():
+    data = series.forecasting_data("co2", window=24, horizon=3, test_size=60, val_size=40)
+    n = len(data.series)
+    assert data.val_end == n - 60 and data.train_end == n - 100
+    train = data.series[: data.train_end]
+    np.testing.assert_allclose(data.mean, train.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(data.std, train.std(0) + 1e-6, rtol=1e-5)
+    # CO2 rises: the tail normalized with train statistics sits well above 0.
+    assert data.normalize(data.series[data.val_end :]).mean() > 1.0
+    # Test targets are exactly the tail, each step once as the first horizon step.
+    np.testing.assert_allclose(data.y_test_raw[:, 0], data.series[data.val_end : n - 2], rtol=1e-5)
+    # No training or validation target reaches into the tail.
+    last_train_target = data.y_train[-1, -1] * data.std + data.mean
+    np.testing.assert_allclose(last_train_target, data.series[data.train_end - 1], rtol=1e-5)
+    assert len(data.x_val) == 40 - 3 + 1
+    batch = next(iter(data.train_dataset(batch_size=8)))
+    assert tuple(batch[0].shape) == (8, 24, 1) and tuple(batch[1].shape) == (8, 3, 1)
+
+
+def test_seasonal_naive():
+    x = np.arange(12, dtype=np.float32).reshape(1, 12, 1)  # values 0..11, season 4
+    pred = series.seasonal_naive(x, season=4, horizon=6)
+    np.testing.assert_array_equal(pred[0, :, 0], [8, 9, 10, 11, 8, 9])
+    with pytest.raises(ValueError, match="window >= season"):
+        series.seasonal_naive(x, season=13, horizon=1)
+
+
+def test_synthetic_sequences_are_seeded_padded_and_balanced():
+    x, y, lengths = series.synthetic_sequences(400, time=20, features=2, min_length=8, seed=3)
+    assert x.shape == (400, 20, 2) and y.shape == (400,) and lengths.min() >= 8
+    assert set(np.unique(y)) == {0, 1, 2, 3} and np.bincount(y).min() > 60
+    for i in range(10):
+        assert np.all(x[i, lengths[i] :] == 0) and np.all(np.abs(x[i, : lengths[i]]).sum(-1) > 0)
+    x2, y2, _ = series.synthetic_sequences(400, time=20, features=2, min_length=8, seed=3)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
