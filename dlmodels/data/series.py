@@ -188,6 +188,7 @@ def forecasting_data(
     x_train, y_train = targets_before(x_all, y_all, train_end, 0)
     x_val, y_val = make_windows(norm[:val_end], window, horizon, start=train_end)
     x_test, y_test = make_windows(norm, window, horizon, start=val_end)
+    _, y_test_raw = make_windows(series, window, horizon, start=val_end)  # the tail as stored
     return ForecastingData(
         name=name,
         season=SEASON[name],
@@ -201,7 +202,7 @@ def forecasting_data(
         y_val=y_val,
         x_test=x_test,
         y_test=y_test,
-        y_test_raw=y_test * std + mean,
+        y_test_raw=y_test_raw,
         series=series,
         train_end=train_end,
         val_end=val_end,
@@ -274,6 +275,11 @@ def synthetic_sequences(
     lengths = np.full(num_samples, time, np.int32)
     if min_length is not None:
         min_length = check_positive_int("min_length", min_length, owner="synthetic_sequences")
-        lengths = rng.integers(min(min_length, time), time + 1, num_samples).astype(np.int32)
+        if min_length > time:
+            raise ValueError(
+                f"synthetic_sequences: min_length={min_length} exceeds time={time}; sequences "
+                f"cannot be longer than the padded length. Pass min_length <= {time}."
+            )
+        lengths = rng.integers(min_length, time + 1, num_samples).astype(np.int32)
         x[np.arange(time)[None, :] >= lengths[:, None]] = 0.0
     return x.astype(np.float32), y, lengths

@@ -136,6 +136,40 @@ def _fix_names(model_proto: onnx.ModelProto, want_in: list[str], want_out: list[
             dims[0].dim_param = BATCH_DIM
 
 
+def _native_rnn_plan(source, name: str, opset: int) -> bool:
+    """Whether `to_onnx` builds native recurrent nodes for `source`: it has recurrent layers (a
+    cheap walk over its layers; models without any keep the plain path) and opset >= 13.
+
+    Raises for `stateful=True` layers: tf2onnx freezes the state held at export time into a
+    constant and drops the state update, so the graph would silently differ from the model.
+    """
+    from dlmodels.export import onnx_rnn
+
+    layers = onnx_rnn.all_layers(source)
+    recurrent = [layer for layer in layers if onnx_rnn.is_recurrent(layer)]
+    if not recurrent:
+        return False
+    stateful = [layer.name for layer in layers if getattr(layer, "stateful", False)]
+    if stateful:
+        raise onnx_rnn.NativeRNNError(
+            f"cannot export {name!r}: layers {stateful} are stateful=True. An ONNX inference "
+            "graph cannot carry state between calls (tf2onnx would freeze the state held at "
+            "export time into a constant and drop its update). Rebuild the model with "
+            "stateful=False, copy the weights with set_weights, and export that."
+        )
+    if opset < onnx_rnn.MIN_OPSET:
+        logger.warning(
+            "%s: native ONNX recurrent nodes need opset >= %d; at opset %d its recurrent layers "
+            "%s stay tf2onnx Loops",
+            name,
+            onnx_rnn.MIN_OPSET,
+            opset,
+            [layer.name for layer in recurrent],
+        )
+        return False
+    return True
+
+
 def to_onnx(
     model,
     path: str | os.PathLike,
@@ -161,15 +195,20 @@ def to_onnx(
         opset: ONNX opset (tf2onnx 1.17 supports up to 18).
         overwrite: replace an existing file. Without it an existing `path` raises
             FileExistsError before anything is converted.
-        native_rnn: replace tf2onnx's `Loop` for every Keras GRU (and masked LSTM, SimpleRNN)
-            with the native ONNX GRU / LSTM / RNN op built from the same weights (opset >= 13;
-            `dlmodels.export.onnx_rnn`). False keeps tf2onnx's graph as it comes.
+        native_rnn: export Keras GRU / LSTM / SimpleRNN layers (also in Bidirectional, masked
+            or not) as native ONNX GRU / LSTM / RNN nodes built from the same weights instead of
+            tf2onnx's `Loop` (opset >= 13, else a warning; `dlmodels.export.onnx_rnn`), in a
+            single conversion. Layers the native ops cannot express (e.g. hard_sigmoid, selu,
+            layer-norm cells) stay tf2onnx Loops with a logged warning. False keeps tf2onnx's
+            graph as it comes. Models without recurrent layers take the plain path either way.
 
     Returns:
         The path written.
 
     Raises:
         FileExistsError: `path` exists and overwrite is False.
+        NativeRNNError: with native_rnn, a `stateful=True` recurrent layer (no ONNX graph
+            carries state between calls).
         Exception from tf2onnx naming the op when the graph holds an op ONNX cannot express.
     """
     path = Path(path)
@@ -183,18 +222,23 @@ def to_onnx(
             "%s computes in half precision; exporting a float32 copy with the same weights",
             model.name,
         )
-    with tf.device("/cpu:0"):
-        fn = serving_function(source)
-        model_proto = _convert(fn, int(opset))
-    _check_ops(model_proto, getattr(model, "name", "model"), int(opset))
-    _fix_names(model_proto, want_in, want_out)
-    if native_rnn and int(opset) >= 13:
-        # Native ONNX GRU / LSTM / RNN nodes built from the Keras weights instead of tf2onnx's
-        # Loops (GRU always, masked LSTM); a model without recurrent layers comes back as is.
-        from dlmodels.export.onnx_rnn import replace_rnn_loops
+    name = getattr(model, "name", "model")
+    native = _native_rnn_plan(source, name, int(opset)) if native_rnn else False
+    if native:
+        # One conversion: tf2onnx for everything but the recurrent layers, native ONNX GRU /
+        # LSTM / RNN nodes built from the Keras weights for those (instead of tf2onnx's Loops);
+        # layers the native ops cannot express stay Loops, with a warning.
+        from dlmodels.export.onnx_rnn import build_native_rnn
 
-        model_proto = replace_rnn_loops(model_proto, source)
-    model_proto.producer_name = "dlmodels (tf2onnx)"
+        model_proto = build_native_rnn(source, opset=int(opset), strict=False)
+        _fix_names(model_proto, want_in, want_out)
+    else:
+        with tf.device("/cpu:0"):
+            fn = serving_function(source)
+            model_proto = _convert(fn, int(opset))
+        _check_ops(model_proto, name, int(opset))
+        _fix_names(model_proto, want_in, want_out)
+        model_proto.producer_name = "dlmodels (tf2onnx)"
     onnx.checker.check_model(model_proto)
     _check_types(model_proto, getattr(model, "name", "model"))
     with atomic_path(path, overwrite=overwrite) as tmp:

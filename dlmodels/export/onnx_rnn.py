@@ -33,10 +33,17 @@ functional and Sequential models and recurrent layers inside nested models alike
 Also covered: `return_state=True` (final states from ONNX Y_h / Y_c), an `initial_state`
 argument (ONNX initial_h / initial_c), `keras.layers.RNN` around Keras' or dlmodels' GRUCell /
 LSTMCell (dlmodels' LSTM peepholes become the ONNX P input), `keras.layers.SimpleRNN` (the ONNX
-RNN op). Refused with a `NativeRNNError` naming the layer: `stateful=True` and activations the
-ONNX RNN ops lack (tanh, sigmoid and relu are supported). Left to tf2onnx (a Loop, with a
-warning from `to_onnx_native_rnn`): layer-normalized LSTM cells, other cells and subclasses of
-the Keras layers.
+RNN op). Not expressible natively: `stateful=True` and activations the ONNX RNN ops lack (tanh,
+sigmoid and relu are supported): `to_onnx_native_rnn` / `convert_native_rnn` refuse those with a
+`NativeRNNError` naming the layer; `dlmodels.export.to_onnx` (native_rnn=True, the default used by
+write_repository and the CLI) leaves such a layer a tf2onnx Loop with a logged warning and makes
+the others native (stateful layers it refuses: tf2onnx would freeze their state). Always left to
+tf2onnx (a Loop, with a warning): layer-normalized LSTM cells, other cells and subclasses of the
+Keras layers.
+
+Keras internals relied on (Keras 3.x, setup.cfg bounds keras < 4): Layer.__call__ dispatching to
+an instance-level `call` (`_intercept`); tests/export/test_onnx_rnn.py::
+test_layer_call_interception_still_works fails with that reason if a release changes it.
 
     path = to_onnx_native_rnn(model, "model.onnx")
     assert_ops(path, must=("GRU",), must_not=("Loop", "Scan"))
@@ -65,6 +72,8 @@ RECURRENT_OPS = ("GRU", "LSTM", "RNN")
 LOOP_OPS = ("Loop", "Scan")
 _PREFIX = "dlmodels_rnn"
 _MIN_OPSET = 13  # Squeeze/Unsqueeze/ReduceSum with axes as inputs; CumSum; ScatterElements
+MIN_OPSET = _MIN_OPSET
+"""Lowest opset the native recurrent nodes are built for."""
 
 # Keras activation name -> ONNX RNN activation name.
 _ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}
@@ -186,12 +195,49 @@ def _is_bidirectional(layer) -> bool:
     return isinstance(layer, keras.layers.Bidirectional)
 
 
+def is_recurrent(layer) -> bool:
+    """`keras.layers.RNN` (GRU, LSTM, SimpleRNN, subclasses) or a `Bidirectional` wrapper."""
+    import keras
+
+    return isinstance(layer, keras.layers.RNN) or _is_bidirectional(layer)
+
+
+def all_layers(model) -> list:
+    """Every layer inside `model`, depth first, each once, through public attributes only:
+    `.layers` of (nested) models and other containers, `Bidirectional.forward_layer` /
+    `backward_layer`, and `RNN.cell` (and the cells of stacked cells)."""
+    import keras
+
+    seen: set[int] = set()
+    out: list = []
+
+    def visit(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        out.append(layer)
+        children = list(getattr(layer, "layers", None) or [])
+        if _is_bidirectional(layer):
+            children += [layer.forward_layer, layer.backward_layer]
+        if isinstance(layer, keras.layers.RNN):
+            children.append(layer.cell)
+        children += list(getattr(layer, "cells", None) or [])  # StackedRNNCells
+        for child in children:
+            if isinstance(child, keras.layers.Layer):
+                visit(child)
+
+    seen.add(id(model))
+    for layer in getattr(model, "layers", None) or []:
+        visit(layer)
+    return out
+
+
 def recurrent_layers(model, types: Sequence[str] = RECURRENT_OPS) -> list:
     """The layers `replace_rnn_loops` rewrites: those `_kind` maps to an ONNX op in `types`
     (GRU, LSTM, SimpleRNN, RNN around supported cells) and `Bidirectional` wrappers of them,
     anywhere in `model` (nested models included)."""
     found, inside_bidir = [], set()
-    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    layers = all_layers(model)
     for layer in layers:
         if _is_bidirectional(layer) and _kind(layer.forward_layer) in types:
             found.append(layer)
@@ -214,7 +260,7 @@ def unconverted_recurrent_layers(model, types: Sequence[str] = RECURRENT_OPS) ->
         if _is_bidirectional(layer):
             done |= {id(layer.forward_layer), id(layer.backward_layer)}
     left = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in all_layers(model):
         if id(layer) in done:
             continue
         if isinstance(layer, keras.layers.RNN) or (
@@ -234,8 +280,9 @@ def _activation_name(fn, layer, which) -> str:
     if name not in _ACTIVATIONS:
         raise NativeRNNError(
             f"layer {layer.name!r}: `{which}`={name!r} has no ONNX RNN activation. Supported: "
-            f"{sorted(_ACTIVATIONS)}. Use one of those, or export with dlmodels.export.to_onnx "
-            "(tf2onnx Loop)."
+            f"{sorted(_ACTIVATIONS)}. Use one of those, or export with "
+            "dlmodels.export.to_onnx(..., native_rnn=False) (tf2onnx Loop); to_onnx with "
+            "native_rnn=True also leaves such a layer a Loop, with a warning."
         )
     return _ACTIVATIONS[name]
 
@@ -246,7 +293,8 @@ def _check_layer(layer) -> None:
         if getattr(rnn, "stateful", False):
             raise NativeRNNError(
                 f"layer {layer.name!r}: stateful=True carries state between calls, which an "
-                "exported inference graph cannot. Rebuild the model with stateful=False."
+                "exported inference graph cannot. Rebuild the model with stateful=False and "
+                "copy the weights (set_weights)."
             )
         _activation_name(rnn.cell.activation, layer, "activation")
         if hasattr(rnn.cell, "recurrent_activation"):
@@ -613,10 +661,16 @@ def _one_direction(g, rnn, kind, x_btf, mask_bt, initial):
     # or zeros before any unmasked step / at every masked step with zero_output_for_mask.
     seen = g.op("Greater", [c, zero], "seen_valid")
     if not rnn.return_sequences:
-        # The last output is the output after the last unmasked step, zeros if there is none.
-        any_valid = g.op("Unsqueeze", [g.op("Greater", [lens, zero], "any_valid"), axes1], "av")
+        # Keras returns the last *stacked* output: the output after the last unmasked step
+        # (zeros if there is none), or, with zero_output_for_mask, zeros whenever the last step
+        # (in processing order, i.e. after a go_backwards reversal) is masked.
+        if rnn.zero_output_for_mask:
+            last_t = g.const([-1], "last_t", np.int64)
+            keep_last = g.op("Gather", [mask_bool, last_t], "last_step_valid", axis=1)  # [B, 1]
+        else:
+            keep_last = g.op("Unsqueeze", [g.op("Greater", [lens, zero], "any_valid"), axes1], "av")
         zeros = g.op("Mul", [states[0], g.const(np.float32(0.0), "f_zero")], "zeros_like")
-        return g.op("Where", [any_valid, states[0], zeros], "last"), states
+        return g.op("Where", [keep_last, states[0], zeros], "last"), states
     idx = g.op("Max", [pos_valid, zero], "gather_idx")
     y_shape = g.op("Shape", [y], "y_shape")
     idx = g.op("Expand", [g.op("Unsqueeze", [idx, axes2], "idx_col"), y_shape], "idx_y")
@@ -767,6 +821,86 @@ def _opset_of(model_proto: onnx.ModelProto) -> int:
     raise ValueError("the ONNX model declares no default-domain opset")
 
 
+def stateful_layers(model) -> list:
+    """Layers of `model` (nested included) with `stateful=True`."""
+    return [layer for layer in all_layers(model) if getattr(layer, "stateful", False)]
+
+
+def _refusal(layer) -> NativeRNNError | None:
+    try:
+        _check_layer(layer)
+    except NativeRNNError as err:
+        return err
+    return None
+
+
+def build_native_rnn(
+    model,
+    *,
+    opset: int = 17,
+    types: Sequence[str] = RECURRENT_OPS,
+    strict: bool = True,
+) -> onnx.ModelProto:
+    """One tf2onnx conversion of `model` with its recurrent layers spliced in as native ONNX
+    GRU / LSTM / RNN nodes; the graph is named but not yet checked (`convert_native_rnn` and
+    `dlmodels.export.to_onnx` check it).
+
+    `strict=True` raises `NativeRNNError` for a layer the native ops cannot express
+    (`stateful=True`, an activation outside tanh/sigmoid/relu); `strict=False` leaves such layers
+    to tf2onnx (a Loop) with a logged warning, like the layers `_kind` does not map (layer-norm
+    LSTM cells, other cells, subclasses).
+    """
+    import tensorflow as tf
+
+    from dlmodels.export._signature import float32_copy, input_names, output_names
+    from dlmodels.export.onnx import _check_ops, _convert, _fix_names
+
+    opset = int(opset)
+    if not _MIN_OPSET <= opset <= 18:
+        raise ValueError(f"opset must be between {_MIN_OPSET} and 18 for native RNNs, got {opset}")
+    bad_types = [t for t in types if t not in RECURRENT_OPS]
+    if bad_types:
+        raise ValueError(f"`types`={tuple(types)}: allowed are {RECURRENT_OPS}")
+    source = _functional(float32_copy(model))
+    name = getattr(model, "name", "model")
+    layers, refused = [], []
+    for layer in recurrent_layers(source, types):
+        err = _refusal(layer)
+        if err is None:
+            layers.append(layer)
+        elif strict:
+            raise err
+        else:
+            refused.append((layer, err))
+    left = [layer.name for layer in unconverted_recurrent_layers(source, types)]
+    left += [layer.name for layer, _ in refused]
+    if left:
+        reasons = "".join(f" {layer.name}: {err}" for layer, err in refused)
+        logger.warning(
+            "%s: recurrent layers %s have no native ONNX op here and stay tf2onnx Loops.%s",
+            name,
+            left,
+            reasons,
+        )
+    want_in, want_out = input_names(source), output_names(source)
+    with tf.device("/cpu:0"):
+        sites = _discover(source, layers) if layers else []
+        fn = _cut_function(source, layers, sites)
+        proto = _convert(fn, opset)
+    _check_ops(proto, name, opset)
+    cut_in = want_in + [s.out_name(k) for s in sites for k in range(len(s.out_shapes))]
+    cut_out = list(want_out)
+    for s in sites:
+        cut_out.append(s.in_name)
+        if s.has_mask:
+            cut_out.append(s.mask_name)
+        cut_out.extend(s.initial_name(j) for j in range(s.n_initial))
+    _fix_names(proto, cut_in, cut_out)
+    _splice(proto, sites)
+    proto.producer_name = "dlmodels (tf2onnx + native RNN)"
+    return proto
+
+
 def convert_native_rnn(model, *, opset: int = 17, types: Sequence[str] = RECURRENT_OPS):
     """Convert `model` to an ONNX ModelProto with native GRU/LSTM nodes for its recurrent layers.
 
@@ -783,42 +917,15 @@ def convert_native_rnn(model, *, opset: int = 17, types: Sequence[str] = RECURRE
         The checked `onnx.ModelProto`.
 
     Raises:
-        NativeRNNError: a recurrent layer uses an option the native ops cannot express.
+        NativeRNNError: a recurrent layer uses an option the native ops cannot express (use
+            `dlmodels.export.to_onnx`, which leaves such layers tf2onnx Loops with a warning, or
+            `to_onnx(..., native_rnn=False)`).
     """
-    import tensorflow as tf
+    from dlmodels.export.onnx import _check_types
 
-    from dlmodels.export._signature import float32_copy, input_names, output_names
-    from dlmodels.export.onnx import _check_ops, _check_types, _convert, _fix_names
-
-    opset = int(opset)
-    if not _MIN_OPSET <= opset <= 18:
-        raise ValueError(f"opset must be between {_MIN_OPSET} and 18 for native RNNs, got {opset}")
-    bad_types = [t for t in types if t not in RECURRENT_OPS]
-    if bad_types:
-        raise ValueError(f"`types`={tuple(types)}: allowed are {RECURRENT_OPS}")
-    source = _functional(float32_copy(model))
-    layers = recurrent_layers(source, types)
-    for layer in layers:
-        _check_layer(layer)
-    want_in, want_out = input_names(source), output_names(source)
-    with tf.device("/cpu:0"):
-        sites = _discover(source, layers) if layers else []
-        fn = _cut_function(source, layers, sites)
-        proto = _convert(fn, opset)
-    name = getattr(model, "name", "model")
-    _check_ops(proto, name, opset)
-    cut_in = want_in + [s.out_name(k) for s in sites for k in range(len(s.out_shapes))]
-    cut_out = list(want_out)
-    for s in sites:
-        cut_out.append(s.in_name)
-        if s.has_mask:
-            cut_out.append(s.mask_name)
-        cut_out.extend(s.initial_name(j) for j in range(s.n_initial))
-    _fix_names(proto, cut_in, cut_out)
-    _splice(proto, sites)
-    proto.producer_name = "dlmodels (tf2onnx + native RNN)"
+    proto = build_native_rnn(model, opset=opset, types=types, strict=True)
     onnx.checker.check_model(proto)
-    _check_types(proto, name)
+    _check_types(proto, getattr(model, "name", "model"))
     return proto
 
 
@@ -881,6 +988,19 @@ def replace_rnn_loops(
     return new
 
 
+def _assert_sites_native(proto: onnx.ModelProto, layers) -> None:
+    """Every recurrent layer in `layers` became a native GRU / LSTM / RNN node (named after the
+    layer by `_site_graph`). Only the recurrent sites are checked: a Loop that some other layer
+    (a tf.while_loop in a custom layer) brings is not this exporter's business."""
+    made = {n.name.split("/native")[0] for n in proto.graph.node if n.op_type in RECURRENT_OPS}
+    missing = [layer.name for layer in layers if layer.name not in made]
+    if missing:
+        raise OpAssertionError(
+            f"recurrent layers {missing} did not become native ONNX {RECURRENT_OPS} nodes; "
+            f"the graph holds {dict(op_counts(proto))}"
+        )
+
+
 def to_onnx_native_rnn(
     model,
     path: str | os.PathLike,
@@ -891,8 +1011,9 @@ def to_onnx_native_rnn(
 ) -> Path:
     """`dlmodels.export.to_onnx` with native ONNX GRU / LSTM nodes for the recurrent layers.
 
-    Writes atomically like `to_onnx`, then asserts the file holds no `Loop` / `Scan` when the
-    model has recurrent layers of `types` (every one of them was made native).
+    Writes atomically like `to_onnx`, after asserting that every recurrent layer of `types` became
+    a native node (Loops other layers bring, e.g. a tf.while_loop in a custom layer, are allowed).
+    Unlike `to_onnx`, refuses (`NativeRNNError`) layers the native ops cannot express.
 
     Args:
         model: the Keras model.
@@ -908,16 +1029,8 @@ def to_onnx_native_rnn(
 
     path = Path(path)
     check_target(path, overwrite=overwrite)
-    proto = convert_native_rnn(model, opset=opset, types=types)
-    left = unconverted_recurrent_layers(_functional(model), types)
-    if left:
-        logger.warning(
-            "%s: recurrent layers %s have no native ONNX op here and stay tf2onnx Loops",
-            getattr(model, "name", "model"),
-            [layer.name for layer in left],
-        )
-    elif recurrent_layers(_functional(model), types):
-        assert_ops(proto, must_not=LOOP_OPS)
+    proto = convert_native_rnn(model, opset=opset, types=types)  # warns about layers left
+    _assert_sites_native(proto, recurrent_layers(_functional(model), types))
     with atomic_path(path, overwrite=overwrite) as tmp:
         onnx.save(proto, str(tmp))
     return path

@@ -14,8 +14,18 @@ import keras
 from keras import ops
 
 # Keras' own variational-dropout mixin: keras.layers.RNN resets its masks once per sequence only
-# for cells that inherit it (there is no public alias in Keras 3).
-from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+# for cells that inherit it (isinstance check in RNN.call), and there is no public alias in
+# Keras 3. It is a private module: checked against Keras 3.x (setup.cfg bounds keras < 4), and
+# tests/layers/test_recurrent.py::test_private_keras_dropout_mixin_is_still_there fails with this
+# explanation if a Keras release moves it.
+try:
+    from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+except ImportError as _err:  # pragma: no cover - only on an incompatible Keras
+    raise ImportError(
+        f"dlmodels.layers.recurrent needs Keras' private DropoutRNNCell mixin "
+        f"(keras.src.layers.rnn.dropout_rnn_cell), which Keras {keras.__version__} does not have. "
+        "dlmodels supports Keras 3.x (< 4); pin keras to a 3.x release."
+    ) from _err
 
 from dlmodels._validation import check_positive_int
 
@@ -39,6 +49,52 @@ def _check_step_input(input_shape, owner):
             "[batch, time, features] sequences."
         )
     return int(shape[-1])
+
+
+def _init_cell(
+    cell,
+    owner,
+    *,
+    units,
+    activation,
+    recurrent_activation,
+    use_bias,
+    kernel_initializer,
+    recurrent_initializer,
+    bias_initializer,
+    dropout,
+    recurrent_dropout,
+    seed,
+):
+    """The validation and attributes LSTMCell and GRUCell share."""
+    cell.units = check_positive_int("units", units, owner=owner)
+    cell.activation = keras.activations.get(activation)
+    cell.recurrent_activation = keras.activations.get(recurrent_activation)
+    cell.use_bias = bool(use_bias)
+    cell.kernel_initializer = keras.initializers.get(kernel_initializer)
+    cell.recurrent_initializer = keras.initializers.get(recurrent_initializer)
+    cell.bias_initializer = keras.initializers.get(bias_initializer)
+    cell.dropout = _check_rate("dropout", dropout, owner)
+    cell.recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout, owner)
+    cell.seed = seed
+    cell.seed_generator = keras.random.SeedGenerator(seed=seed)
+    cell.output_size = cell.units
+
+
+def _cell_config(cell) -> dict:
+    """The config entries LSTMCell and GRUCell share."""
+    return {
+        "units": cell.units,
+        "activation": keras.activations.serialize(cell.activation),
+        "recurrent_activation": keras.activations.serialize(cell.recurrent_activation),
+        "use_bias": cell.use_bias,
+        "kernel_initializer": keras.initializers.serialize(cell.kernel_initializer),
+        "recurrent_initializer": keras.initializers.serialize(cell.recurrent_initializer),
+        "bias_initializer": keras.initializers.serialize(cell.bias_initializer),
+        "dropout": cell.dropout,
+        "recurrent_dropout": cell.recurrent_dropout,
+        "seed": cell.seed,
+    }
 
 
 def _layer_norm(x, gamma, beta, epsilon):
@@ -112,23 +168,25 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = check_positive_int("units", units, owner="LSTMCell")
-        self.activation = keras.activations.get(activation)
-        self.recurrent_activation = keras.activations.get(recurrent_activation)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
+        _init_cell(
+            self,
+            "LSTMCell",
+            units=units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+        )
         self.unit_forget_bias = bool(unit_forget_bias)
         self.peepholes = bool(peepholes)
         self.layer_norm = bool(layer_norm)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.dropout = _check_rate("dropout", dropout, "LSTMCell")
-        self.recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout, "LSTMCell")
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed=seed)
         self.state_size = [self.units, self.units]
-        self.output_size = self.units
 
     def build(self, input_shape):
         features = _check_step_input(input_shape, "LSTMCell")
@@ -231,20 +289,11 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
     def get_config(self):
         return {
             **super().get_config(),
-            "units": self.units,
-            "activation": keras.activations.serialize(self.activation),
-            "recurrent_activation": keras.activations.serialize(self.recurrent_activation),
-            "use_bias": self.use_bias,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "recurrent_initializer": keras.initializers.serialize(self.recurrent_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            **_cell_config(self),
             "unit_forget_bias": self.unit_forget_bias,
             "peepholes": self.peepholes,
             "layer_norm": self.layer_norm,
             "layer_norm_epsilon": self.layer_norm_epsilon,
-            "dropout": self.dropout,
-            "recurrent_dropout": self.recurrent_dropout,
-            "seed": self.seed,
         }
 
 
@@ -303,20 +352,22 @@ class GRUCell(keras.layers.Layer, DropoutRNNCell):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = check_positive_int("units", units, owner="GRUCell")
-        self.activation = keras.activations.get(activation)
-        self.recurrent_activation = keras.activations.get(recurrent_activation)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
+        _init_cell(
+            self,
+            "GRUCell",
+            units=units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+        )
         self.reset_after = bool(reset_after)
-        self.dropout = _check_rate("dropout", dropout, "GRUCell")
-        self.recurrent_dropout = _check_rate("recurrent_dropout", recurrent_dropout, "GRUCell")
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed=seed)
         self.state_size = self.units
-        self.output_size = self.units
 
     def build(self, input_shape):
         features = _check_step_input(input_shape, "GRUCell")
@@ -369,17 +420,8 @@ class GRUCell(keras.layers.Layer, DropoutRNNCell):
     def get_config(self):
         return {
             **super().get_config(),
-            "units": self.units,
-            "activation": keras.activations.serialize(self.activation),
-            "recurrent_activation": keras.activations.serialize(self.recurrent_activation),
-            "use_bias": self.use_bias,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "recurrent_initializer": keras.initializers.serialize(self.recurrent_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            **_cell_config(self),
             "reset_after": self.reset_after,
-            "dropout": self.dropout,
-            "recurrent_dropout": self.recurrent_dropout,
-            "seed": self.seed,
         }
 
 

@@ -81,3 +81,16 @@ def test_synthetic_sequences_are_seeded_padded_and_balanced():
     x2, y2, _ = series.synthetic_sequences(400, time=20, features=2, min_length=8, seed=3)
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(y, y2)
+
+
+def test_test_targets_are_the_raw_tail_not_a_float_round_trip():
+    data = series.forecasting_data("sunspots", window=22, horizon=1, test_size=40, val_size=30)
+    tail = np.asarray(data.series[data.val_end :], np.float32)
+    np.testing.assert_array_equal(data.y_test_raw[:, 0], tail)
+
+
+def test_synthetic_min_length_above_time_is_an_error():
+    with pytest.raises(ValueError, match="min_length=25 exceeds time=20"):
+        series.synthetic_sequences(10, time=20, min_length=25)
+    _, _, lengths = series.synthetic_sequences(10, time=20, min_length=20)
+    assert np.all(lengths == 20)

@@ -320,3 +320,200 @@ def test_to_onnx_makes_gru_native_by_default(tmp_path):
     path = export.to_onnx(model, tmp_path / "default.onnx")
     assert_ops(path, must=("GRU",), must_not=("Loop",))
     assert export.verify(model, path, _masked_batch(), atol=1e-5).passed
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "SimpleRNN"])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_zero_output_for_mask_last_output_is_zero_when_last_step_masked(
+    tmp_path, kind, go_backwards
+):
+    """Keras returns the last *stacked* output, which with zero_output_for_mask is zeros when the
+    last processed step is masked (right padding forwards, left padding backwards)."""
+    cls = getattr(keras.layers, kind)
+    inp = keras.Input((T, F), name="series")
+    x = keras.layers.Masking(name="masking")(inp)
+    out = cls(4, zero_output_for_mask=True, go_backwards=go_backwards, name="rnn")(x)
+    model = keras.Model(inp, out)
+    _randomize(model, seed=13, scale=0.5)
+    x = _masked_batch()  # row 1 right-padded, row 2 left-padded, holes, all masked
+    want = model.predict(x, verbose=0)
+    padded_row = 2 if go_backwards else 1
+    assert np.all(want[padded_row] == 0.0) and np.abs(want[0]).max() > 0.01
+    must = ("RNN",) if kind == "SimpleRNN" else (kind,)
+    _, report = _export_and_verify(model, x, tmp_path, must=must)
+    assert report.max_abs_error <= 1e-5
+
+
+def _count_conversions(monkeypatch):
+    import dlmodels.export.onnx as onnx_mod
+
+    calls = []
+    real = onnx_mod._convert
+
+    def counting(fn, opset):
+        calls.append(opset)
+        return real(fn, opset)
+
+    monkeypatch.setattr(onnx_mod, "_convert", counting)
+    return calls
+
+
+def test_to_onnx_converts_a_recurrent_model_once(tmp_path, monkeypatch):
+    """to_onnx goes straight to the native build: one tf2onnx conversion, not tf2onnx's Loop
+    graph followed by a second conversion; a model without recurrent layers: one, plain."""
+    calls = _count_conversions(monkeypatch)
+    inp = keras.Input((T, F), name="series")
+    model = keras.Model(inp, keras.layers.Dense(2, name="logits")(keras.layers.GRU(4)(inp)))
+    _randomize(model, seed=14)
+    path = export.to_onnx(model, tmp_path / "gru.onnx")
+    assert len(calls) == 1
+    assert_ops(path, must=("GRU",), must_not=("Loop",))
+    assert export.verify(model, path, _masked_batch(), atol=1e-5).passed
+
+    import dlmodels.export.onnx_rnn as onnx_rnn
+
+    def no_native(*a, **k):
+        raise AssertionError("the native build ran for a model without recurrent layers")
+
+    monkeypatch.setattr(onnx_rnn, "build_native_rnn", no_native)
+    dense_in = keras.Input((F,), name="x")
+    dense = keras.Model(dense_in, keras.layers.Dense(2, name="logits")(dense_in))
+    export.to_onnx(dense, tmp_path / "dense.onnx")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras.layers.GRU(4, recurrent_activation="hard_sigmoid", name="odd"),
+        lambda: keras.layers.LSTM(4, activation="selu", name="odd"),
+        lambda: keras.layers.SimpleRNN(4, activation=None, name="odd"),
+    ],
+)
+def test_to_onnx_leaves_inexpressible_layers_a_loop_with_a_warning(tmp_path, caplog, make):
+    """Options the native ops lack do not break to_onnx (write_repository, the CLI): that layer
+    stays tf2onnx's Loop, the others are native, and the graph equals Keras."""
+    inp = keras.Input((T, F), name="series")
+    x = keras.layers.Masking(name="masking")(inp)
+    odd = make()(keras.layers.GRU(3, return_sequences=True, name="plain")(x))
+    model = keras.Model(inp, keras.layers.Dense(2, name="logits")(odd))
+    _randomize(model, seed=15, scale=0.4)
+    with caplog.at_level("WARNING"):
+        path = export.to_onnx(model, tmp_path / "m.onnx")
+    assert "'odd'" in caplog.text and "stay tf2onnx Loops" in caplog.text
+    counts = op_counts(path)
+    assert counts["GRU"] == 1 and counts["Loop"] == 1
+    assert export.verify(model, path, _masked_batch(), atol=1e-4).passed
+    with pytest.raises(NativeRNNError, match=r"odd.*native_rnn=False"):
+        to_onnx_native_rnn(model, tmp_path / "strict.onnx")
+
+
+def test_to_onnx_refuses_stateful_with_a_clear_error(tmp_path):
+    """tf2onnx freezes a stateful layer's current state into a constant and drops its update:
+    the graph would silently not carry state. to_onnx says so; native_rnn=False is unchanged."""
+    inp = keras.Input(batch_shape=(2, T, F), name="series")
+    model = keras.Model(inp, keras.layers.GRU(3, stateful=True, name="g")(inp))
+    with pytest.raises(NativeRNNError, match=r"\['g'\] are stateful=True.*stateful=False"):
+        export.to_onnx(model, tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()
+    assert op_counts(export.to_onnx(model, tmp_path / "loop.onnx", native_rnn=False))["Loop"] == 1
+
+
+def test_to_onnx_below_opset_13_warns_and_keeps_the_loop(tmp_path, caplog):
+    inp = keras.Input((T, F), name="series")
+    model = keras.Model(inp, keras.layers.GRU(3, name="g")(inp))
+    with caplog.at_level("WARNING"):
+        path = export.to_onnx(model, tmp_path / "m.onnx", opset=12)
+    assert "opset >= 13" in caplog.text and "'g'" in caplog.text
+    assert op_counts(path)["Loop"] == 1
+
+
+def test_layer_call_interception_still_works():
+    """The native export swaps `layer.call` on the instance while tracing (onnx_rnn._intercept);
+    Keras' Layer.__call__ must still dispatch to an instance attribute `call`. If a Keras
+    release (supported: 3.x < 4) changes that, this fails with the reason."""
+    from dlmodels.export.onnx_rnn import _intercept
+
+    layer = keras.layers.GRU(2)
+    x = np.ones((1, T, F), "float32")
+    layer(x)
+
+    def make_call(lyr, original):
+        def call(*args, **kwargs):
+            return keras.ops.full((1, 2), 7.0)
+
+        return call
+
+    with _intercept([layer], make_call):
+        got = np.asarray(layer(x))
+    assert np.all(got == 7.0), (
+        f"Keras {keras.__version__}: Layer.__call__ no longer calls an instance-level `call`, so "
+        "dlmodels.export.onnx_rnn cannot cut recurrent layers out of the traced graph"
+    )
+    assert "call" not in vars(layer) and not np.all(np.asarray(layer(x)) == 7.0)
+
+
+def test_layer_discovery_uses_public_attributes_only(monkeypatch):
+    """recurrent_layers walks `.layers`, Bidirectional's forward/backward layers and RNN.cell,
+    not Keras' private `_flatten_layers`."""
+    from dlmodels.export.onnx_rnn import all_layers, recurrent_layers, unconverted_recurrent_layers
+    from dlmodels.layers import LSTMCell
+
+    inner_in = keras.Input((T, F), name="inner_in")
+    inner = keras.Model(
+        inner_in, keras.layers.GRU(4, return_sequences=True, name="g_inner")(inner_in), name="in"
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((T, F)),
+            inner,
+            keras.layers.Bidirectional(keras.layers.LSTM(2, return_sequences=True), name="bi"),
+            keras.layers.RNN(LSTMCell(2, layer_norm=True), name="ln"),
+        ]
+    )
+
+    def private(*a, **k):
+        raise AssertionError("Keras' private _flatten_layers was used")
+
+    monkeypatch.setattr(keras.layers.Layer, "_flatten_layers", private)
+    names = [layer.name for layer in all_layers(model)]
+    assert {"in", "g_inner", "bi", "ln"} <= set(names)
+    bi = model.get_layer("bi")
+    assert {id(bi.forward_layer), id(bi.backward_layer), id(bi.forward_layer.cell)} <= {
+        id(layer) for layer in all_layers(model)
+    }
+    assert [layer.name for layer in recurrent_layers(model)] == ["bi", "g_inner"]
+    assert [layer.name for layer in unconverted_recurrent_layers(model)] == ["ln"]
+
+
+class _CumulativeMax(keras.layers.Layer):
+    """A running max over time written as a tf.while_loop: tf2onnx makes it an ONNX Loop that
+    has nothing to do with recurrent layers."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        steps = tf.shape(x)[1]
+
+        def body(t, acc, out):
+            acc = tf.maximum(acc, x[:, t])
+            return t + 1, acc, out.write(t, acc)
+
+        out = tf.TensorArray(x.dtype, size=steps)
+        _, _, out = tf.while_loop(
+            lambda t, *_: t < steps, body, (0, tf.fill(tf.shape(x[:, 0]), -1e9), out)
+        )
+        return tf.transpose(out.stack(), [1, 0, 2])
+
+
+def test_native_export_checks_recurrent_sites_not_every_loop(tmp_path):
+    """A Loop from a non-recurrent layer does not fail to_onnx_native_rnn; every GRU is native."""
+    inp = keras.Input((T, F), name="series")
+    x = _CumulativeMax(name="cummax")(inp)
+    out = keras.layers.GRU(3, name="g")(x)
+    model = keras.Model(inp, out)
+    _randomize(model, seed=16)
+    path = to_onnx_native_rnn(model, tmp_path / "m.onnx")
+    counts = op_counts(path)
+    assert counts["GRU"] == 1 and counts["Loop"] >= 1
+    assert export.verify(model, path, _masked_batch(), atol=1e-5).passed

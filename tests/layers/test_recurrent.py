@@ -173,3 +173,34 @@ def test_sequence_check_refuses_wrong_rank_and_empty_sequences():
         SequenceCheck()(np.zeros((B, 0, F), "float32"))
     with pytest.raises(ValueError, match=r"\[batch, time\] token ids"):
         SequenceCheck(rank=2)(np.zeros((B, T, F), "int32"))
+
+
+def test_private_keras_dropout_mixin_is_still_there():
+    """dlmodels' cells inherit Keras' private DropoutRNNCell so that keras.layers.RNN resets
+    their dropout masks once per call. A Keras release that moves or drops it must fail here,
+    loudly, not silently reuse one dropout mask across batches."""
+    import importlib
+
+    try:
+        module = importlib.import_module("keras.src.layers.rnn.dropout_rnn_cell")
+        mixin = module.DropoutRNNCell
+    except (ImportError, AttributeError) as err:
+        pytest.fail(
+            f"Keras {keras.__version__} no longer has keras.src.layers.rnn.dropout_rnn_cell."
+            f"DropoutRNNCell ({err}); dlmodels.layers.recurrent relies on it (supported: Keras "
+            "3.x < 4). Port the cells' dropout to the new Keras API."
+        )
+    for cls in (GRUCell, LSTMCell):
+        assert issubclass(cls, mixin), f"{cls.__name__} must inherit Keras' DropoutRNNCell"
+    for name in ("get_dropout_mask", "get_recurrent_dropout_mask", "reset_dropout_mask"):
+        assert hasattr(mixin, name), f"Keras' DropoutRNNCell lost `{name}`, which the cells use"
+    # keras.layers.RNN must still reset the masks per call: two training calls on the same input
+    # then draw different masks.
+    for cell in (GRUCell(8, dropout=0.5, recurrent_dropout=0.5, seed=1), LSTMCell(8, dropout=0.5)):
+        rnn = keras.layers.RNN(cell)
+        x = np.ones((4, 5, 3), "float32")
+        a, b = rnn(x, training=True), rnn(x, training=True)
+        assert not np.allclose(a, b), (
+            f"keras.layers.RNN no longer resets {type(cell).__name__}'s dropout masks per call "
+            f"(Keras {keras.__version__}): the DropoutRNNCell contract changed"
+        )
