@@ -13,6 +13,20 @@ import tensorflow as tf
 from dlmodels.errors import UserError
 
 
+def as_functional(model):
+    """A Sequential model as the functional model over the same layers (and weights); any other
+    model as is. Keras 3's Sequential has no `output_names`, which the exporters name graph
+    outputs and signature keys by; the functional view names its output after the last layer."""
+    if isinstance(model, keras.Sequential):
+        if not model.built or not getattr(model, "inputs", None):
+            raise UserError(
+                f"Sequential model {model.name!r} has no input shape, so it cannot be exported: "
+                "start it with keras.Input(shape=...) or call it on data first."
+            )
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    return model
+
+
 def input_names(model) -> list[str]:
     """The Keras input names, which become the signature / ONNX input names."""
     _require_functional(model)
@@ -21,6 +35,7 @@ def input_names(model) -> list[str]:
 
 def output_names(model) -> list[str]:
     """The Keras output names, which become the signature keys / ONNX output names."""
+    model = as_functional(model)
     _require_functional(model)
     return list(model.output_names)
 

@@ -43,6 +43,10 @@ def artifact_size(path: str | os.PathLike) -> int:
 
 
 def _keras_io(model) -> dict:
+    from dlmodels.export._signature import as_functional
+
+    model = as_functional(model)
+
     def spec(t, name):
         return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype)}
 
@@ -158,8 +162,10 @@ def model_output_kinds(model) -> dict[str, str]:
     """{output name: "logits" | "softmax" | "sigmoid" | "unknown"} for a functional model."""
     if model is None or not getattr(model, "outputs", None):
         return {}
+    from dlmodels.export._signature import as_functional
     from dlmodels.models.outputs import output_kind
 
+    model = as_functional(model)
     kinds = output_kind(model)
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     return dict(zip(model.output_names, kinds, strict=False))

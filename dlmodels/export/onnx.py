@@ -12,6 +12,7 @@ import tensorflow as tf
 from dlmodels.errors import UserError
 from dlmodels.export._atomic import atomic_path, check_target
 from dlmodels.export._signature import (
+    as_functional,
     float32_copy,
     input_names,
     output_names,
@@ -211,6 +212,7 @@ def to_onnx(
             carries state between calls).
         Exception from tf2onnx naming the op when the graph holds an op ONNX cannot express.
     """
+    model = as_functional(model)
     path = Path(path)
     check_target(path, overwrite=overwrite)
     if not 7 <= int(opset) <= 18:

@@ -930,17 +930,9 @@ def convert_native_rnn(model, *, opset: int = 17, types: Sequence[str] = RECURRE
 
 
 def _functional(model):
-    """A Sequential as the functional model over the same layers (Keras 3 Sequential has no
-    `output_names`, which the exporters name the graph outputs by)."""
-    import keras
+    from dlmodels.export._signature import as_functional
 
-    if isinstance(model, keras.Sequential):
-        if not model.built or not getattr(model, "inputs", None):
-            raise ValueError(
-                f"Sequential model {model.name!r} has no input shape; start it with keras.Input"
-            )
-        return keras.Model(model.inputs, model.outputs, name=model.name)
-    return model
+    return as_functional(model)
 
 
 def replace_rnn_loops(

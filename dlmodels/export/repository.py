@@ -403,7 +403,9 @@ def write_repository(
         FileExistsError: a target exists and `overwrite` is False.
     """
     from dlmodels import export
+    from dlmodels.export._signature import as_functional
 
+    model = as_functional(model)  # a Sequential is exported (and saved) as the functional view
     wanted = _check_formats(formats)
     feeds = sample_dict(model, samples)
     if metric is not None and labels is None:

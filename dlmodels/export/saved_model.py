@@ -8,7 +8,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from dlmodels.export._atomic import atomic_path, check_target
-from dlmodels.export._signature import serving_function
+from dlmodels.export._signature import as_functional, serving_function
 
 
 def to_saved_model(model, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -29,6 +29,7 @@ def to_saved_model(model, path: str | os.PathLike, *, overwrite: bool = False) -
     Returns:
         The directory written.
     """
+    model = as_functional(model)
     path = Path(path)
     check_target(path, overwrite=overwrite)
     fn = serving_function(model)

@@ -151,7 +151,9 @@ def keras_outputs(model, inputs, *, batch_size: int = 32) -> dict[str, np.ndarra
         inputs: one array, a list in `model.inputs` order, or a dict by input name.
         batch_size: prediction batch size.
     """
-    from dlmodels.export._signature import pack_inputs
+    from dlmodels.export._signature import as_functional, pack_inputs
+
+    model = as_functional(model)
 
     if isinstance(inputs, Mapping):
         flat = [inputs[t.name] for t in model.inputs]
@@ -252,6 +254,9 @@ def verify(
     Returns:
         A VerifyReport.
     """
+    from dlmodels.export._signature import as_functional
+
+    model = as_functional(model)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}; export one with to_onnx first")

@@ -184,3 +184,22 @@ def test_keras_file_is_reloaded_with_dlmodels_load_model(model, tmp_path, monkey
     monkeypatch.setattr(dlmodels, "load_model", recording)
     report = export.write_repository(model, tmp_path, formats=["keras"], samples=images(2))
     assert report.passed and calls == [{"safe_mode": True}]
+
+
+def test_sequential_models_export_like_functional_ones(tmp_path):
+    """Keras 3's Sequential has no `output_names`; every exporter takes its functional view."""
+    model = keras.Sequential(
+        [
+            keras.Input((6,), name="features"),
+            keras.layers.Dense(4, name="hidden"),
+            keras.layers.Dense(3, name="scores"),
+        ],
+        name="seq",
+    )
+    x = np.random.default_rng(0).standard_normal((8, 6)).astype("float32")
+    report = export.write_repository(
+        model, tmp_path / "seq", samples=x, formats=("keras", "saved_model", "onnx")
+    )
+    assert report.passed, report.failures()
+    assert export.onnx_io(tmp_path / "seq" / "model.onnx")["outputs"][0]["name"] == "scores"
+    assert export.verify(model, tmp_path / "seq" / "model.onnx", x).passed
