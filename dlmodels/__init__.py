@@ -41,12 +41,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_SERIALIZABLE = ("layers", "losses", "metrics")
+_SERIALIZABLE = ("layers", "losses", "metrics", "models")
 """Subpackages holding `register_keras_serializable` classes."""
 
 
 def register_serializables() -> None:
-    """Register every dlmodels layer, loss and metric with Keras (imports Keras)."""
+    """Register every dlmodels layer, loss, metric and model class with Keras (imports Keras)."""
     for name in _SERIALIZABLE:
         importlib.import_module(f"{__name__}.{name}")
 

@@ -1,4 +1,4 @@
-"""`dlmodels` command line: models, train, export, verify, quantize, bench, demo.
+"""`dlmodels` command line: models, train, sample, export, verify, quantize, bench, demo.
 
 Heavy imports (TensorFlow, onnxruntime) happen inside the commands so `dlmodels --help` is fast.
 
@@ -165,6 +165,8 @@ def _load_model(path: Path):
             f"MODEL_PATH {path} is not a .keras file; export takes a model saved with "
             "model.save('model.keras') or `dlmodels train`."
         )
+    import dlmodels.models  # registers the VAE / ConditionalGAN model classes
+
     try:
         # dlmodels.load_model registers every dlmodels serializable (layers, losses, metrics).
         return dlmodels.load_model(str(path), safe_mode=True)
@@ -181,19 +183,31 @@ def train_cmd(
     output: Annotated[Path, typer.Option(help="where the trained .keras model is written")] = Path(
         "artifacts/model.keras"
     ),
-    model: Annotated[str, typer.Option(help="registry name (see `dlmodels models`)")] = "unet",
+    model: Annotated[
+        str,
+        typer.Option(help="registry name (see `dlmodels models`); vae or cgan train on the digits"),
+    ] = "unet",
     image_size: Annotated[str, typer.Option(help="HxW of the synthetic shapes")] = "64",
-    epochs: Annotated[int, typer.Option(min=1)] = 7,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="default: 7 (segmentation), 40 (vae), 60 (cgan)")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     train_samples: Annotated[int, typer.Option(min=1)] = 2000,
     base_filters: Annotated[int, typer.Option(min=1)] = 16,
     depth: Annotated[int, typer.Option(min=1)] = 3,
     strategy: Annotated[str, typer.Option(help="auto|default|one_device|mirrored|...")] = "auto",
     checkpoint_dir: Annotated[Path | None, typer.Option(help="resume from / save to")] = None,
+    latent_dim: Annotated[
+        int | None, typer.Option(min=1, help="vae / cgan: size of z (default 8 / 32)")
+    ] = None,
+    gan_loss: Annotated[
+        str, typer.Option(help="cgan: non_saturating, minimax or wgan_gp")
+    ] = "non_saturating",
     seed: int = 0,
     overwrite: bool = False,
 ):
-    """Train a segmentation model on the synthetic shapes data set and save it as .keras."""
+    """Train a model and save it as .keras: a segmentation model on the synthetic shapes, or
+    (--model vae | cgan) a VAE or conditional GAN on scikit-learn's 8x8 digits."""
     _quiet_tf()
     from dlmodels import demo, export
     from dlmodels.export._atomic import check_target
@@ -207,6 +221,20 @@ def train_cmd(
             "(see `dlmodels models`)",
             param_hint="--model",
         )
+    if model.lower() in GENERATIVE_MODELS:
+        _train_generative(
+            model.lower(),
+            output,
+            epochs,
+            batch_size,
+            latent_dim,
+            gan_loss,
+            strategy,
+            seed,
+            overwrite,
+        )
+        return
+    epochs = 7 if epochs is None else epochs
     check_target(output, overwrite=overwrite)  # refuse before minutes of training
     result = demo.train_segmentation(
         model_name=model,
@@ -224,6 +252,126 @@ def train_cmd(
     _console().print(
         f"test mIoU {result.test_miou:.4f} after {result.train_seconds:.0f} s; wrote {output}"
     )
+
+
+GENERATIVE_MODELS = ("vae", "cgan")
+GAN_LOSS_CHOICES = ("non_saturating", "minimax", "wgan_gp")
+
+
+def _train_generative(
+    name, output, epochs, batch_size, latent_dim, gan_loss, strategy, seed, overwrite
+):
+    """`dlmodels train --model vae|cgan`: train on the digits, report, save .keras."""
+    from dlmodels import export
+    from dlmodels.bench import generative
+    from dlmodels.export._atomic import check_target
+    from dlmodels.training import resolve_strategy
+
+    if name == "cgan" and gan_loss not in GAN_LOSS_CHOICES:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(GAN_LOSS_CHOICES)}, got {gan_loss!r}",
+            param_hint="--gan-loss",
+        )
+    check_target(output, overwrite=overwrite)  # refuse before the training
+    resolved = resolve_strategy(strategy)
+    if name == "vae":
+        model, curve = generative.train_vae(
+            epochs=epochs or 40,
+            latent_dim=latent_dim or 8,
+            batch_size=batch_size,
+            seed=seed,
+            strategy=resolved,
+            verbose=False,
+        )
+        summary = (
+            f"held-out -ELBO {curve[0]['test_neg_elbo']:.2f} -> {curve[-1]['test_neg_elbo']:.2f}"
+            " nats/image"
+        )
+    else:
+        model, _ = generative.train_cgan(
+            epochs=epochs or 60,
+            latent_dim=latent_dim or 32,
+            batch_size=batch_size,
+            loss=gan_loss,
+            seed=seed,
+            strategy=resolved,
+            verbose=False,
+        )
+        classifier, _ = generative.train_digit_classifier(seed)
+        accuracy = generative.conditional_accuracy(model, classifier, n=1000, seed=seed)
+        summary = f"conditional accuracy {accuracy:.3f} (1,000 samples, random labels)"
+    export.to_keras(model, output, overwrite=overwrite)
+    typer.echo(f"{name}: {summary}; wrote {output}")
+
+
+def _parse_labels(value: str | None):
+    if value is None:
+        return None
+    try:
+        labels = [int(v) for v in value.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        labels = []
+    if not labels:
+        raise typer.BadParameter(
+            f"must be class ids separated by commas, like 0,3,7; got {value!r}",
+            param_hint="--labels",
+        )
+    return labels
+
+
+@app.command("sample")
+def sample_cmd(
+    model_path: Annotated[Path, typer.Argument(help="a VAE or ConditionalGAN .keras file")],
+    output: Annotated[Path, typer.Option(help="the PNG grid to write")] = Path(
+        "artifacts/samples.png"
+    ),
+    n: Annotated[int, typer.Option(min=1, help="images per row")] = 10,
+    rows: Annotated[int, typer.Option(min=1, help="vae: rows of prior samples")] = 10,
+    labels: Annotated[
+        str | None, typer.Option(help="cgan: one row per class id, e.g. 0,3,7; default: all")
+    ] = None,
+    npz: Annotated[Path | None, typer.Option(help="also save the images (and labels)")] = None,
+    seed: int = 0,
+    overwrite: bool = False,
+):
+    """Draw samples from a trained VAE (prior samples) or conditional GAN (one row per class)
+    and write them as a PNG grid; z is drawn here, the model itself has no random op."""
+    _quiet_tf()
+    import numpy as np
+
+    from dlmodels.bench.generative import save_grid
+    from dlmodels.export._atomic import check_target
+    from dlmodels.models import VAE, ConditionalGAN
+
+    wanted = _parse_labels(labels)
+    if output.suffix.lower() != ".png":
+        raise typer.BadParameter(f"must end in .png, got {output}", param_hint="--output")
+    check_target(output, overwrite=overwrite)
+    if npz is not None:
+        check_target(npz, overwrite=overwrite)
+    model = _load_model(model_path)
+    if isinstance(model, ConditionalGAN):
+        classes = list(range(model.num_classes)) if wanted is None else wanted
+        ids = np.repeat(np.asarray(classes), n)
+        images = model.sample(ids, seed=seed)  # UserError for ids outside [0, num_classes)
+        save_grid(images, output, len(classes), n, row_labels=classes)
+        what = f"{len(classes)} classes x {n}"
+    elif isinstance(model, VAE):
+        if wanted is not None:
+            raise typer.BadParameter("a VAE takes no labels", param_hint="--labels")
+        ids = None
+        images = model.sample(rows * n, seed=seed)
+        save_grid(images, output, rows, n)
+        what = f"{rows} x {n} prior samples"
+    else:
+        raise UserError(
+            f"{model_path} holds a {type(model).__name__}; `dlmodels sample` takes a VAE or "
+            "ConditionalGAN saved by `dlmodels train --model vae|cgan`."
+        )
+    if npz is not None:
+        arrays = {"x": images} if ids is None else {"x": images, "y": ids.astype("int32")}
+        np.savez(npz, **arrays)
+    typer.echo(f"wrote {output} ({what})")
 
 
 def _random_inputs(model, n: int, image_size, seed: int) -> dict:

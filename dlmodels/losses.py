@@ -277,6 +277,78 @@ class DiceCrossEntropy(keras.losses.Loss):
         }
 
 
+# -- generative --------------------------------------------------------------------------------
+def _posterior_parts(y_pred):
+    """(mu, log_var) float32 from a (mu, log_var) pair or their concatenation on the last axis."""
+    if isinstance(y_pred, list | tuple):
+        if len(y_pred) != 2:
+            raise ValueError(
+                f"GaussianKL: expected (mu, log_var), got {len(y_pred)} tensors. Pass the "
+                "encoder's two outputs, or their concatenation on the last axis."
+            )
+        mu, log_var = y_pred
+    else:
+        size = y_pred.shape[-1]
+        if size is None or size % 2:
+            raise ValueError(
+                f"GaussianKL: a single tensor must be concat([mu, log_var], -1) with an even "
+                f"last axis, got shape {tuple(y_pred.shape)}. Pass (mu, log_var) instead."
+            )
+        mu, log_var = y_pred[..., : size // 2], y_pred[..., size // 2 :]
+    return ops.cast(mu, "float32"), ops.cast(log_var, "float32")
+
+
+def gaussian_kl_per_example(mu, log_var):
+    """KL(N(mu, diag(exp(log_var))) || N(0, I)) per example, in closed form.
+
+    `KL = 0.5 * sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)` over every non-batch axis
+    (Kingma & Welling 2014, "Auto-Encoding Variational Bayes", ICLR, appendix B).
+
+    Args:
+        mu: posterior means `(B, ...)`.
+        log_var: posterior log-variances `log sigma^2`, shaped like `mu`.
+
+    Returns:
+        `(B,)` float32 (nats).
+    """
+    mu, log_var = ops.cast(mu, "float32"), ops.cast(log_var, "float32")
+    terms = ops.square(mu) + ops.exp(log_var) - 1.0 - log_var
+    return 0.5 * ops.sum(_flat_per_example(terms), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="dlmodels")
+class GaussianKL(keras.losses.Loss):
+    """The closed-form KL divergence of a diagonal Gaussian posterior from the standard normal
+    prior, one value per example: the regulariser of the VAE's negative ELBO (Kingma & Welling
+    2014, "Auto-Encoding Variational Bayes", ICLR); `weight` > 1 gives the beta-VAE term
+    (Higgins et al. 2017, "beta-VAE", ICLR).
+
+    `y_true` is ignored (pass None); `y_pred` is the pair `(mu, log_var)` or
+    `concat([mu, log_var], axis=-1)`.
+
+    Args:
+        weight: multiplies the divergence (beta), >= 0.
+        reduction, name, dtype: as in `keras.losses.Loss`.
+    """
+
+    def __init__(self, weight=1.0, reduction="sum_over_batch_size", name="gaussian_kl", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ValueError(f"GaussianKL: `weight`={weight!r} must be a number >= 0 (e.g. 1.0).")
+        self.weight = float(weight)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # y_true carries nothing for a KL term; None is the natural thing to pass.
+        return super().__call__(0.0 if y_true is None else y_true, y_pred, sample_weight)
+
+    def call(self, y_true, y_pred):
+        mu, log_var = _posterior_parts(y_pred)
+        return self.weight * gaussian_kl_per_example(mu, log_var)
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}
+
+
 LOSSES = {"ce": SparseCrossEntropy, "dice": DiceLoss, "dice_ce": DiceCrossEntropy}
 
 

@@ -168,3 +168,30 @@ class MeanIoU(keras.metrics.Metric):
             "ignore_index": self.ignore_index,
             "accumulator_dtype": self.accumulator_dtype,
         }
+
+
+@keras.saving.register_keras_serializable(package="dlmodels")
+class MeanGaussianKL(keras.metrics.Mean):
+    """Streaming mean of the closed-form KL(q(z|x) || N(0, I)) of a diagonal Gaussian posterior
+    (Kingma & Welling 2014, "Auto-Encoding Variational Bayes", ICLR), per example, in nats.
+
+    `update_state(mu, log_var, sample_weight=None)`, or `update_state(None, (mu, log_var))` /
+    `update_state(None, concat([mu, log_var], -1))` in the `(y_true, y_pred)` form of
+    `compile(metrics=...)`.
+    """
+
+    def __init__(self, name="gaussian_kl", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+
+    def update_state(self, mu, log_var=None, sample_weight=None):
+        from dlmodels.losses import _posterior_parts, gaussian_kl_per_example
+
+        if mu is None or log_var is None or isinstance(log_var, list | tuple):
+            pred = log_var if mu is None else mu
+            mu, log_var = _posterior_parts(pred)
+        return super().update_state(
+            gaussian_kl_per_example(mu, log_var), sample_weight=sample_weight
+        )
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}

@@ -4,6 +4,7 @@ from dlmodels.layers.conv import NORMS, ConvNormAct, make_activation, make_norm
 from dlmodels.layers.features import FeatureTap
 from dlmodels.layers.recurrent import GRUCell, LastStep, LSTMCell, SequenceCheck
 from dlmodels.layers.residual import BottleneckBlock, ResidualBlock
+from dlmodels.layers.sampling import Sampling
 
 __all__ = [
     "NORMS",
@@ -14,6 +15,7 @@ __all__ = [
     "LSTMCell",
     "LastStep",
     "ResidualBlock",
+    "Sampling",
     "SequenceCheck",
     "make_activation",
     "make_norm",

@@ -14,6 +14,7 @@ Conventions every builder follows:
 """
 
 from dlmodels.models.backbone import backbone_features, feature_model, feature_strides
+from dlmodels.models.gan import ConditionalGAN
 from dlmodels.models.outputs import output_kind
 from dlmodels.models.registry import entry, get, list, register
 from dlmodels.models.resnet import (
@@ -36,8 +37,11 @@ from dlmodels.models.sequence import (
     teacher_forcing_inputs,
 )
 from dlmodels.models.unet import UNet
+from dlmodels.models.vae import VAE
 
 __all__ = [
+    "VAE",
+    "ConditionalGAN",
     "ResNet",
     "ResNet18",
     "ResNet34",

@@ -25,7 +25,7 @@ from dlmodels.models.outputs import output_kind
 
 SUPERVISED_TASKS = ("segmentation", "classification")
 LIKELIHOODS = ("bernoulli", "gaussian")
-GAN_LOSSES = ("non_saturating", "minimax")
+GAN_LOSSES = ("non_saturating", "minimax", "wgan_gp")
 
 
 def _first_output(outputs):
@@ -655,7 +655,11 @@ class GANTask(Task):
     The discriminator returns one logit per example. Its loss is the binary cross-entropy of
     real (1) vs generated (0) examples, `softplus(-D(x)) + softplus(D(G(z)))`. The generator
     loss is "non_saturating" `softplus(-D(G(z)))` (the paper's practical choice) or "minimax"
-    `-softplus(D(G(z)))` (= log(1 - D(G(z)))). Both are averaged over the global batch; the
+    `-softplus(D(G(z)))` (= log(1 - D(G(z)))), or "wgan_gp": the Wasserstein critic loss
+    `D(G(z)) - D(x)` plus `gp_weight * (||grad D(x_hat)|| - 1)^2` at random interpolates
+    `x_hat` of real and generated examples, and the generator loss `-D(G(z))` (Gulrajani et al.
+    2017, "Improved Training of Wasserstein GANs", NeurIPS; use no batch norm in the critic).
+    Every loss is averaged over the global batch; the
     latents of each step are drawn for the global batch from (seed, step), so training is
     exact under distribution. Conditional GANs (Mirza & Osindero 2014, "Conditional Generative
     Adversarial Nets") read `(x, labels)` batches and call `G([z, labels])`, `D([x, labels])`.
@@ -667,8 +671,11 @@ class GANTask(Task):
         g_optimizer, d_optimizer: optimizers (created under the strategy's scope), names, or
             None for `Adam(2e-4, beta_1=0.5)` (Radford et al. 2016, DCGAN).
         latent_dim: size of z (an int, or a shape tuple).
-        loss: "non_saturating" or "minimax" generator loss.
+        loss: "non_saturating" or "minimax" generator loss, or "wgan_gp".
         conditional: whether the models take labels.
+        gp_weight: weight of the gradient penalty ("wgan_gp" only; the paper's 10).
+        d_steps: discriminator (critic) updates per batch before the generator update, each
+            with fresh latents on the same real batch (the paper's n_critic; 1 by default).
         seed: seed of the latents.
 
     Batches are `x` or `(x, labels)` (labels ignored unless conditional). Logs: d_loss, g_loss.
@@ -686,6 +693,8 @@ class GANTask(Task):
         latent_dim,
         loss="non_saturating",
         conditional=False,
+        gp_weight=10.0,
+        d_steps=1,
         seed=None,
     ):
         super().__init__(seed=seed)
@@ -700,6 +709,14 @@ class GANTask(Task):
         self.latent_shape = shape
         self.loss = check_choice("loss", loss, GAN_LOSSES, owner="GANTask")
         self.conditional = bool(conditional)
+        if isinstance(gp_weight, bool) or not isinstance(gp_weight, int | float) or gp_weight < 0:
+            raise ValueError(
+                f"GANTask: `gp_weight`={gp_weight!r} must be a number >= 0 (e.g. 10.0)."
+            )
+        self.gp_weight = float(gp_weight)
+        if isinstance(d_steps, bool) or not isinstance(d_steps, int) or d_steps < 1:
+            raise ValueError(f"GANTask: `d_steps`={d_steps!r} must be a positive int (e.g. 1).")
+        self.d_steps = int(d_steps)
         self._optimizer_args = (g_optimizer, d_optimizer)
         self.g_optimizer = None
         self.d_optimizer = None
@@ -769,20 +786,53 @@ class GANTask(Task):
     def _g_per_example(self, fake_logits):
         if self.loss == "non_saturating":
             return tf.nn.softplus(-fake_logits)
+        if self.loss == "wgan_gp":
+            return -fake_logits
         return -tf.nn.softplus(fake_logits)
+
+    def _d_per_example(self, real_logits, fake_logits):
+        if self.loss == "wgan_gp":
+            return fake_logits - real_logits
+        return tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits)
+
+    def _gradient_penalty(self, x, fake, labels, ctx, seed):
+        """`(||grad_x D(x_hat)||_2 - 1)^2` per example at `x_hat = a x + (1 - a) G(z)`,
+        `a ~ U[0, 1)` per example (drawn for the global batch, like the latents)."""
+        x = tf.cast(x, tf.float32)
+        fake = tf.cast(fake, tf.float32)
+        alpha = ctx.uniform([1] * (x.shape.rank - 1), seed)
+        mixed = alpha * x + (1.0 - alpha) * fake
+        with tf.GradientTape() as tape:
+            tape.watch(mixed)
+            # Examples are independent (no batch norm in a WGAN-GP critic): the gradient of the
+            # sum holds each example's own gradient.
+            total = tf.reduce_sum(self._logits(mixed, labels, training=True))
+        grads = tape.gradient(total, mixed)
+        norm = tf.sqrt(_sum_per_example(tf.square(grads)) + 1e-12)
+        return tf.square(norm - 1.0)
 
     def train_step(self, batch, ctx):
         x, labels = self._unpack(batch)
         step = self.d_optimizer.iterations
-        z = ctx.normal(self.latent_shape, ctx.seed(self.seed, step, salt=0))
-        fake = tf.stop_gradient(self._generate(z, labels, training=True))
-        with tf.GradientTape() as tape:
-            real_logits = self._logits(x, labels, training=True)
-            fake_logits = self._logits(fake, labels, training=True)
-            d_loss = ctx.average_loss(tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits))
-            d_loss += ctx.regularization_loss(self.discriminator)
         d_vars = self.discriminator.trainable_variables
-        ctx.minimize(tape, d_loss, d_vars, self.d_optimizer)
+        for k in range(self.d_steps):
+            # salt 0 for the first critic step keeps d_steps=1 drawing what it always drew.
+            z = ctx.normal(
+                self.latent_shape, ctx.seed(self.seed, step, salt=0 if k == 0 else 10 + k)
+            )
+            fake = tf.stop_gradient(self._generate(z, labels, training=True))
+            with tf.GradientTape() as tape:
+                real_logits = self._logits(x, labels, training=True)
+                fake_logits = self._logits(fake, labels, training=True)
+                per_example = self._d_per_example(real_logits, fake_logits)
+                if self.loss == "wgan_gp" and self.gp_weight > 0:
+                    gp_seed = ctx.seed(self.seed, step, salt=100 + k)
+                    per_example += self.gp_weight * self._gradient_penalty(
+                        x, fake, labels, ctx, gp_seed
+                    )
+                d_loss = ctx.average_loss(per_example)
+                d_loss += ctx.regularization_loss(self.discriminator)
+            ctx.minimize(tape, d_loss, d_vars, self.d_optimizer)
 
         z = ctx.normal(self.latent_shape, ctx.seed(self.seed, step, salt=1))
         with tf.GradientTape() as tape:
@@ -800,6 +850,6 @@ class GANTask(Task):
         fake_logits = self._logits(self._generate(z, labels, training=False), labels, False)
         real_logits = self._logits(x, labels, training=False)
         return {
-            "d_loss": ctx.average_loss(tf.nn.softplus(-real_logits) + tf.nn.softplus(fake_logits)),
+            "d_loss": ctx.average_loss(self._d_per_example(real_logits, fake_logits)),
             "g_loss": ctx.average_loss(self._g_per_example(fake_logits)),
         }
