@@ -185,9 +185,19 @@ def train_cmd(
     ),
     model: Annotated[
         str,
-        typer.Option(help="registry name (see `dlmodels models`); vae or cgan train on the digits"),
+        typer.Option(help="registry name (see `dlmodels models`); vae or cgan train on --dataset"),
     ] = "unet",
-    image_size: Annotated[str, typer.Option(help="HxW of the synthetic shapes")] = "64",
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="vae / cgan: digits (8x8, default) or shapes (one synthetic shape per image, "
+            "3 classes); segmentation models train on the synthetic shapes"
+        ),
+    ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(help="HxW of the synthetic shapes (default 64; 16 for vae / cgan)"),
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(min=1, help="default: 7 (segmentation), 40 (vae), 60 (cgan)")
     ] = None,
@@ -207,12 +217,13 @@ def train_cmd(
     overwrite: bool = False,
 ):
     """Train a model and save it as .keras: a segmentation model on the synthetic shapes, or
-    (--model vae | cgan) a VAE or conditional GAN on scikit-learn's 8x8 digits."""
+    (--model vae | cgan) a VAE or conditional GAN on scikit-learn's 8x8 digits or (--dataset
+    shapes) on synthetic single-shape images."""
     _quiet_tf()
     from dlmodels import demo, export
     from dlmodels.export._atomic import check_target
 
-    size = _parse_size(image_size)
+    size = None if image_size is None else _parse_size(image_size)
     import dlmodels.models as registry
 
     if model.lower() not in registry.list():
@@ -221,9 +232,22 @@ def train_cmd(
             "(see `dlmodels models`)",
             param_hint="--model",
         )
+    if dataset is not None and dataset not in GENERATIVE_DATASETS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(GENERATIVE_DATASETS)}, got {dataset!r}",
+            param_hint="--dataset",
+        )
     if model.lower() in GENERATIVE_MODELS:
+        dataset = dataset or "digits"
+        if dataset == "digits" and size is not None:
+            raise typer.BadParameter(
+                "the digits are 8x8; --image-size applies to --dataset shapes",
+                param_hint="--image-size",
+            )
         _train_generative(
             model.lower(),
+            dataset,
+            (size or (16, 16)) if dataset == "shapes" else None,
             output,
             epochs,
             batch_size,
@@ -234,11 +258,17 @@ def train_cmd(
             overwrite,
         )
         return
+    if dataset not in (None, "shapes"):
+        raise typer.BadParameter(
+            f"{model} is a segmentation model: it trains on the synthetic shapes only "
+            "(--dataset digits is for vae / cgan)",
+            param_hint="--dataset",
+        )
     epochs = 7 if epochs is None else epochs
     check_target(output, overwrite=overwrite)  # refuse before minutes of training
     result = demo.train_segmentation(
         model_name=model,
-        image_size=size,
+        image_size=size or (64, 64),
         epochs=epochs,
         batch_size=batch_size,
         train_samples=train_samples,
@@ -256,12 +286,23 @@ def train_cmd(
 
 GENERATIVE_MODELS = ("vae", "cgan")
 GAN_LOSS_CHOICES = ("non_saturating", "minimax", "wgan_gp")
+GENERATIVE_DATASETS = ("digits", "shapes")
 
 
 def _train_generative(
-    name, output, epochs, batch_size, latent_dim, gan_loss, strategy, seed, overwrite
+    name,
+    dataset,
+    image_size,
+    output,
+    epochs,
+    batch_size,
+    latent_dim,
+    gan_loss,
+    strategy,
+    seed,
+    overwrite,
 ):
-    """`dlmodels train --model vae|cgan`: train on the digits, report, save .keras."""
+    """`dlmodels train --model vae|cgan --dataset digits|shapes`: train, report, save .keras."""
     from dlmodels import export
     from dlmodels.bench import generative
     from dlmodels.export._atomic import check_target
@@ -282,6 +323,8 @@ def _train_generative(
             seed=seed,
             strategy=resolved,
             verbose=False,
+            dataset=dataset,
+            image_size=image_size,
         )
         summary = (
             f"held-out -ELBO {curve[0]['test_neg_elbo']:.2f} -> {curve[-1]['test_neg_elbo']:.2f}"
@@ -296,12 +339,14 @@ def _train_generative(
             seed=seed,
             strategy=resolved,
             verbose=False,
+            dataset=dataset,
+            image_size=image_size,
         )
-        classifier, _ = generative.train_digit_classifier(seed)
+        classifier, _ = generative.train_classifier(seed, dataset, image_size=image_size)
         accuracy = generative.conditional_accuracy(model, classifier, n=1000, seed=seed)
         summary = f"conditional accuracy {accuracy:.3f} (1,000 samples, random labels)"
     export.to_keras(model, output, overwrite=overwrite)
-    typer.echo(f"{name}: {summary}; wrote {output}")
+    typer.echo(f"{name} on {dataset}: {summary}; wrote {output}")
 
 
 def _parse_labels(value: str | None):

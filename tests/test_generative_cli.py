@@ -104,3 +104,35 @@ def test_sample_refuses_other_models_and_labels_for_a_vae(saved, tmp_path):
     )
     assert result.returncode == 2
     assert "--gan-loss" in result.stderr
+
+
+def test_train_vae_on_shapes(tmp_path):
+    model = tmp_path / "vae_shapes.keras"
+    result = invoke(
+        "train", "--model", "vae", "--dataset", "shapes", "--epochs", "1", "--latent-dim", "2",
+        "--output", model,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "vae on shapes: held-out -ELBO" in result.stdout
+    loaded = keras.saving.load_model(model, safe_mode=True)
+    assert isinstance(loaded, VAE) and loaded.image_shape == (16, 16, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "vae", "--dataset", "mnist"], "--dataset.*digits, shapes.*'mnist'"),
+        (["--model", "cgan", "--image-size", "16"], "digits are 8x8"),
+        (["--model", "cgan", "--dataset", "shapes", "--image-size", "10"], "divisible by 4"),
+        (["--model", "unet", "--dataset", "digits"], "segmentation model"),
+    ],
+)
+def test_train_dataset_user_errors_are_one_line(args, message, tmp_path):
+    import re
+
+    result = invoke("train", *args, "--epochs", "1", "--output", tmp_path / "m.keras")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "m.keras").exists()

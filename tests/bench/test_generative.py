@@ -48,3 +48,41 @@ def test_conditional_accuracy_sees_ignored_labels():
     classifier, _ = generative.train_digit_classifier()
     accuracy = generative.conditional_accuracy(Fixed(), classifier, n=1000)
     assert accuracy == pytest.approx(0.1, abs=0.03)
+
+
+def test_shapes_run_adds_a_section_and_keeps_the_digits_results(tmp_path):
+    """A VAE on the synthetic shapes: a few epochs lower the held-out -ELBO; the shapes section
+    is added to an existing JSON without touching its other keys."""
+    out = tmp_path / "generative.json"
+    digits_part = {"benchmark": "generative", "vae": {"epochs": 40}, "cgan": {"epochs": 60}}
+    out.write_text(json.dumps(digits_part))
+    section = generative.run_shapes(
+        out, tmp_path / "pictures", vae_epochs=2, pictures=False, verbose=False
+    )
+    data = json.loads(out.read_text())
+    for key, value in digits_part.items():
+        assert data[key] == value
+    assert data["shapes"]["vae"]["config"]["input_shape"] == [16, 16, 1]
+    assert data["shapes"] == json.loads(json.dumps(section, default=str))
+    curve = [c["test_neg_elbo"] for c in section["vae"]["curve"]]
+    assert len(curve) == 3 and curve[2] < curve[1] < curve[0], curve
+    assert section["vae"]["test_neg_elbo_falling"] is True
+
+
+def test_shapes_classifier_recognises_real_shapes_and_not_a_fixed_image():
+    """The cGAN's yardstick on shapes: near-perfect on real test shapes, chance (1/3) for a
+    generator that ignores its label."""
+    classifier, accuracy = generative.train_classifier(dataset="shapes")
+    assert accuracy > 0.9
+
+    images, _ = generative.load_data("shapes", "test")
+
+    class Fixed:
+        num_classes = 3
+
+        def sample(self, labels, seed=None):
+            return np.repeat(images[:1], len(labels), axis=0)
+
+    assert generative.conditional_accuracy(Fixed(), classifier, n=600) == pytest.approx(
+        1 / 3, abs=0.06
+    )
