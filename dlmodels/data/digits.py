@@ -95,10 +95,24 @@ def dataset(
         drop_remainder: drop the last partial batch (static batch shapes).
         repeat: repeat forever (use with `steps_per_epoch`).
     """
-    import tensorflow as tf
-
     batch_size = check_positive_int("batch_size", batch_size, owner="digits.dataset")
     x, y = load(split, test_fraction=test_fraction, seed=seed, num_samples=num_samples)
+    return _batched_dataset(
+        x,
+        y,
+        split,
+        batch_size,
+        shuffle=shuffle,
+        repeat=repeat,
+        seed=seed,
+        drop_remainder=drop_remainder,
+    )
+
+
+def _batched_dataset(x, y, split, batch_size, *, shuffle, repeat, seed, drop_remainder):
+    """`(x, y)` as a batched, prefetched `tf.data.Dataset`; shuffled for "train" by default."""
+    import tensorflow as tf
+
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle if shuffle is not None else split == "train":
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)

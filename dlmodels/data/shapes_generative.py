@@ -23,6 +23,7 @@ import numpy as np
 
 from dlmodels._validation import check_choice, check_positive_int, normalize_tuple
 from dlmodels.data import shapes
+from dlmodels.data.digits import _batched_dataset
 from dlmodels.errors import UserError
 
 CLASS_NAMES = ("circle", "rectangle", "triangle")
@@ -109,13 +110,15 @@ def dataset(
         drop_remainder: drop the last partial batch (static batch shapes).
         repeat: repeat forever (use with `steps_per_epoch`).
     """
-    import tensorflow as tf
-
     batch_size = check_positive_int("batch_size", batch_size, owner=f"{OWNER}.dataset")
     x, y = load(split, image_size=image_size, num_samples=num_samples, seed=seed)
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle if shuffle is not None else split == "train":
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return _batched_dataset(
+        x,
+        y,
+        split,
+        batch_size,
+        shuffle=shuffle,
+        repeat=repeat,
+        seed=seed,
+        drop_remainder=drop_remainder,
+    )

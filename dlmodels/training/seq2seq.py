@@ -13,12 +13,12 @@ import keras
 import tensorflow as tf
 
 from dlmodels._validation import check_choice
-from dlmodels.training.tasks import Task, _check_model, resolve_optimizer
+from dlmodels.training.tasks import Task, _check_model, _SingleModelTask
 
 LOSSES = ("mse", "mae")
 
 
-class Seq2SeqTask(Task):
+class Seq2SeqTask(_SingleModelTask, Task):
     """Train a `dlmodels.models.Seq2SeqForecaster` on `(series, targets)` batches.
 
     Args:
@@ -43,25 +43,8 @@ class Seq2SeqTask(Task):
         self._optimizer_arg = optimizer
         self.optimizer = None
 
-    @property
-    def models(self):
-        return {"model": self.model}
-
-    @property
-    def optimizers(self):
-        return {} if self.optimizer is None else {"optimizer": self.optimizer}
-
-    def _optimized_variables(self):
-        return [(self.optimizer, self.model.trainable_variables)]
-
-    def _build_in_scope(self, strategy):
-        self.optimizer = resolve_optimizer(
-            self._optimizer_arg,
-            strategy,
-            mixed=self.model.compute_dtype == "float16",
-            owner="Trainer",
-        )
-        self.metrics = [keras.metrics.MeanAbsoluteError(name="mae")]
+    def _build_metrics(self, strategy):
+        return [keras.metrics.MeanAbsoluteError(name="mae")]
 
     def per_example_loss(self, y, pred):
         diff = tf.cast(pred, tf.float32) - tf.cast(y, tf.float32)

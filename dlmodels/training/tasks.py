@@ -236,7 +236,35 @@ def _check_logits_convention(loss, kind, owner):
         )
 
 
-class SupervisedTask(Task):
+class _SingleModelTask:
+    """Shared building for a task that trains one ``self.model`` with one optimizer.
+
+    Needs ``self.model``, ``self._optimizer_arg`` and ``self.optimizer`` (``None`` until
+    built); a subclass supplies ``_build_metrics(strategy)``.
+    """
+
+    @property
+    def models(self):
+        return {"model": self.model}
+
+    @property
+    def optimizers(self):
+        return {} if self.optimizer is None else {"optimizer": self.optimizer}
+
+    def _optimized_variables(self):
+        return [(self.optimizer, self.model.trainable_variables)]
+
+    def _build_in_scope(self, strategy):
+        self.optimizer = resolve_optimizer(
+            self._optimizer_arg,
+            strategy,
+            mixed=self.model.compute_dtype == "float16",
+            owner="Trainer",
+        )
+        self.metrics = self._build_metrics(strategy)
+
+
+class SupervisedTask(_SingleModelTask, Task):
     """Supervised training of one model on `(inputs, labels)` batches: segmentation or
     classification with integer labels and an optional ignore index.
 
@@ -446,25 +474,8 @@ class SupervisedTask(Task):
         )
 
     # -- building ----------------------------------------------------------------------------
-    @property
-    def models(self):
-        return {"model": self.model}
-
-    @property
-    def optimizers(self):
-        return {} if self.optimizer is None else {"optimizer": self.optimizer}
-
-    def _optimized_variables(self):
-        return [(self.optimizer, self.model.trainable_variables)]
-
-    def _build_in_scope(self, strategy):
-        self.optimizer = resolve_optimizer(
-            self._optimizer_arg,
-            strategy,
-            mixed=self.model.compute_dtype == "float16",
-            owner="Trainer",
-        )
-        self.metrics = self._make_metrics(self._metrics_arg, strategy)
+    def _build_metrics(self, strategy):
+        return self._make_metrics(self._metrics_arg, strategy)
 
     def _num_classes(self):
         channels = _first_output(self.model.outputs if self.model.outputs else [None])
