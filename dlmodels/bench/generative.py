@@ -437,7 +437,6 @@ def run(
     t = time.perf_counter()
     vae, curve = train_vae(epochs=vae_epochs, latent_dim=latent_dim, seed=seed, verbose=verbose)
     vae_seconds = time.perf_counter() - t
-    values = [c["test_neg_elbo"] for c in curve]
 
     t = time.perf_counter()
     cgan, history = train_cgan(epochs=cgan_epochs, seed=seed, verbose=verbose)
@@ -461,16 +460,7 @@ def run(
             "params": int(vae.count_params()),
             "epochs": vae_epochs,
             "train_seconds": round(vae_seconds, 1),
-            "test_neg_elbo_nats": {
-                "initial": values[0],
-                "after_epoch_1": values[1] if len(values) > 1 else None,
-                "final": values[-1],
-                "best": min(values),
-            },
-            "test_neg_elbo_falling": bool(values[-1] < values[1] < values[0])
-            if len(values) > 2
-            else None,
-            "curve": curve,
+            **_elbo_summary(curve),
             "elbo_estimate": (
                 "Monte Carlo, 8 draws of z per test image; Bernoulli likelihood on [0, 1] "
                 "intensities"
