@@ -118,3 +118,102 @@ def feature_strides(model_or_output_stride=32, names=None, *, include_c1=False) 
         return resnet_strides(arg, include_c1=include_c1)
     taps = _select(_taps(arg, "feature_strides"), names, "feature_strides")
     return {tap.name: tap.stride for tap in taps}
+
+
+# Registry names a decoder accepts as `backbone=`: every dlmodels ResNet.
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet50v2",
+    "resnet101v2",
+    "resnet152v2",
+)
+
+
+def build_backbone(
+    backbone,
+    inputs,
+    *,
+    output_stride: int = 32,
+    multigrid=None,
+    backbone_kwargs: dict | None = None,
+    owner: str = "build_backbone",
+) -> tuple[dict, dict[str, int]]:
+    """Build (or apply) a backbone on a decoder's symbolic `inputs`; return its features.
+
+    Decoders (the U-Net family, DeepLab, FCN, PSPNet) take `backbone=` as either a registry name
+    from `BACKBONES` or a functional backbone model declaring `FeatureTap` features:
+
+    - a name builds that ResNet *inside* the decoder's graph (`input_tensor=inputs`,
+      `include_top=False`), so the result is one flat functional model: every layer is visible
+      to export, quantization and `model.summary()`, and `output_stride` / `multigrid` dilate it;
+    - a model is applied to `inputs` as a nested model (its weights are shared, e.g. an
+      ImageNet-initialized ResNet); its strides are fixed, so `output_stride` must equal its
+      deepest feature's stride.
+
+    Args:
+        backbone: a name in `BACKBONES` (case-insensitive) or a functional backbone model.
+        inputs: the decoder's symbolic image input (batch, H, W, C).
+        output_stride: 8, 16 or 32: stride of the deepest feature (a name dilates to reach it).
+        multigrid: per-block unit rates of stage 5 for a name (DeepLabv3's (1, 2, 4)).
+        backbone_kwargs: further keyword arguments for the ResNet builder (norm, activation,
+            se_ratio, ...); not allowed together with a model instance.
+        owner: the caller's name, for error messages.
+
+    Returns:
+        `(features, strides)`: `{"C1": tensor, ..., "C5": tensor}` on `inputs`' graph, and
+        `{"C1": 2, ..., "C5": output_stride}`.
+
+    Raises:
+        ValueError: an unknown name (the message lists `BACKBONES`), a model without features,
+            an output stride the backbone cannot give, or `backbone_kwargs` with a model.
+    """
+    if isinstance(backbone, str):
+        key = backbone.lower()
+        if key not in BACKBONES:
+            raise ValueError(
+                f"{owner}: `backbone`={backbone!r} is not a known backbone. Allowed values: "
+                f"{', '.join(BACKBONES)}, or a functional model declaring FeatureTap features "
+                "(see dlmodels.models.backbone)."
+            )
+        if output_stride not in (8, 16, 32):
+            raise ValueError(
+                f"{owner}: `output_stride`={output_stride!r} is not supported. Allowed values: "
+                "8, 16, 32."
+            )
+        from dlmodels.models.registry import entry
+
+        kwargs = dict(backbone_kwargs or {})
+        for fixed in ("include_top", "input_tensor", "input_shape", "output_stride", "multigrid"):
+            if fixed in kwargs:
+                raise ValueError(
+                    f"{owner}: `backbone_kwargs` may not set {fixed!r}; the decoder sets it "
+                    "(pass output_stride / multigrid to the decoder itself)."
+                )
+        kwargs.setdefault("name", key)
+        model = entry(key).builder(
+            include_top=False,
+            input_tensor=inputs,
+            output_stride=output_stride,
+            multigrid=multigrid,
+            **kwargs,
+        )
+        return backbone_features(model), feature_strides(model)
+    if backbone_kwargs:
+        raise ValueError(
+            f"{owner}: `backbone_kwargs` applies to a backbone given by name; a model instance "
+            "is used as built."
+        )
+    strides = feature_strides(backbone)  # raises a clear error without taps
+    deepest = max(strides.values())
+    if deepest != output_stride:
+        raise ValueError(
+            f"{owner}: the backbone model {backbone.name!r} has output stride {deepest} "
+            f"(features {strides}), but `output_stride`={output_stride!r} was asked for; pass "
+            f"output_stride={deepest}, or a backbone name so the decoder can dilate it."
+        )
+    features = feature_model(backbone)(inputs)
+    return dict(features), strides
