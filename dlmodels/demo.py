@@ -40,6 +40,38 @@ class TrainResult:
     history: dict
 
 
+def segmentation_model_kwargs(model_name, defaults, model_kwargs=None) -> dict:
+    """Builder keyword arguments for a registry model: the `defaults` its builder accepts (by
+    its signature, so DeepLab gets no `depth`), updated with `model_kwargs`.
+
+    Raises:
+        ValueError: `model_name` is not a registered segmentation model, or `model_kwargs` names
+            an argument its builder does not take.
+    """
+    import inspect
+
+    import dlmodels.models as registry
+
+    entry = registry.entry(model_name)
+    if entry.task != "segmentation":
+        segmenters = [n for n in registry.list() if registry.entry(n).task == "segmentation"]
+        raise ValueError(
+            f"`model`={model_name!r} is a {entry.task} model; segmentation training takes one of "
+            f"{', '.join(segmenters)}."
+        )
+    params = inspect.signature(entry.builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in defaults.items() if takes_any or k in params}
+    unknown = [k for k in (model_kwargs or {}) if not (takes_any or k in params)]
+    if unknown:
+        raise ValueError(
+            f"`model_kwargs` has {unknown} which {model_name!r} does not take; its arguments: "
+            f"{', '.join(p for p in params if p not in ('input_shape', 'num_classes'))}."
+        )
+    kwargs.update(model_kwargs or {})
+    return kwargs
+
+
 def segmentation_miou(labels, outputs, num_classes=NUM_CLASSES):
     """mIoU of argmax(outputs) against integer labels (default: the shapes classes)."""
     from dlmodels.metrics import confusion_matrix_iou
@@ -65,10 +97,14 @@ def train_segmentation(
     seed=0,
     progress=True,
     num_classes=None,
+    model_kwargs=None,
 ) -> TrainResult:
     """Train a registry segmentation model on synthetic shapes; report test-split mIoU.
 
     `num_classes` defaults to the shapes data set's class count (`shapes.NUM_CLASSES`).
+    `depth`, `base_filters` and `upsampling` go to builders that take them (the U-Net family);
+    `model_kwargs` holds further builder arguments (e.g. `{"backbone": "resnet18"}` for
+    DeepLab) and overrides those three.
     """
     import keras
 
@@ -89,10 +125,14 @@ def train_segmentation(
     )
     val_ds = shapes.dataset("validation", batch_size=batch_size, image_size=image_size, seed=seed)
     with strat.scope():
-        kwargs = {"input_shape": (*image_size, 3), "num_classes": num_classes}
-        if model_name == "unet":
-            kwargs.update(depth=depth, base_filters=base_filters, upsampling=upsampling)
-        model = registry.get(model_name, **kwargs)
+        kwargs = segmentation_model_kwargs(
+            model_name,
+            {"depth": depth, "base_filters": base_filters, "upsampling": upsampling},
+            model_kwargs,
+        )
+        model = registry.get(
+            model_name, input_shape=(*image_size, 3), num_classes=num_classes, **kwargs
+        )
         steps = epochs * (train_samples // batch_size)
         schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1))
         optimizer = keras.optimizers.Adam(schedule)
