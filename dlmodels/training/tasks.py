@@ -36,6 +36,25 @@ def _first_output(outputs):
     return outputs
 
 
+MAIN_OUTPUT_NAME = "logits"
+
+
+def main_output_index(model) -> int:
+    """Index of the output a multi-output model predicts with: the one named "logits" when
+    there is one (deep-supervision models name their other heads "logits_<k>"), else the
+    first."""
+    names = list(getattr(model, "output_names", None) or [])
+    return names.index(MAIN_OUTPUT_NAME) if MAIN_OUTPUT_NAME in names else 0
+
+
+def _as_output_list(outputs) -> list:
+    if isinstance(outputs, dict):
+        return [next(iter(outputs.values()))]
+    if isinstance(outputs, list | tuple):
+        return list(outputs)
+    return [outputs]
+
+
 def _check_seed(seed, owner):
     if seed is None:
         return 0
@@ -302,6 +321,13 @@ class SupervisedTask(_SingleModelTask, Task):
             accuracy for segmentation, accuracy for classification.
         ignore_index: label value (e.g. 255) excluded from the loss and the metrics, or None.
         seed: unused by this task (kept for the common signature).
+        deep_supervision: "auto" (default): when the model has several outputs shaped like its
+            main output (the one named "logits", else the first), e.g. UNet++ / UNet 3+ with
+            `deep_supervision=True`, the training loss is the mean of the loss over all of them
+            (Lee et al. 2015, "Deeply-Supervised Nets"; the UNet++ and UNet 3+ papers); False
+            trains the main output only. Metrics and the validation loss always read the main
+            output, the one a deployment predicts with. Other outputs (e.g. a classification
+            branch) are not supervised by this task.
 
     Raises:
         ValueError: unknown `task`, a loss whose `from_logits` contradicts the model's output,
@@ -320,10 +346,14 @@ class SupervisedTask(_SingleModelTask, Task):
         metrics=None,
         ignore_index=None,
         seed=None,
+        deep_supervision="auto",
     ):
         super().__init__(seed=seed)
         self.task = check_choice("task", task, SUPERVISED_TASKS, owner="SupervisedTask")
         self.model = _check_model(model, "model", "SupervisedTask")
+        check_choice("deep_supervision", deep_supervision, ("auto", False), owner="SupervisedTask")
+        self.main_output = main_output_index(model)
+        self.heads = self._supervised_heads(deep_supervision == "auto")
         if ignore_index is not None and (
             isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
         ):
@@ -332,7 +362,8 @@ class SupervisedTask(_SingleModelTask, Task):
                 "(e.g. 255 for void pixels) or None."
             )
         self.ignore_index = ignore_index
-        self.output_kind = _first_output(output_kind(model))
+        kinds = output_kind(model)
+        self.output_kind = kinds[self.main_output] if isinstance(kinds, list) else kinds
         self._optimizer_arg = optimizer
         self._metrics_arg = metrics
         self.optimizer = None
@@ -344,6 +375,19 @@ class SupervisedTask(_SingleModelTask, Task):
                 f"SupervisedTask: `loss`={loss!r} is not a keras.losses.Loss, loss name or "
                 "callable."
             )
+
+    def _supervised_heads(self, deep) -> list[int]:
+        """Output indices the loss supervises: the main output, plus (deep supervision) every
+        output of the same rank and class count."""
+        outputs = list(self.model.outputs or [])
+        if not deep or len(outputs) < 2:
+            return [self.main_output]
+        main = outputs[self.main_output].shape
+        return [
+            i
+            for i, t in enumerate(outputs)
+            if len(t.shape) == len(main) and t.shape[-1] == main[-1]
+        ]
 
     # -- loss --------------------------------------------------------------------------------
     def _resolve_loss(self, loss):
@@ -478,7 +522,8 @@ class SupervisedTask(_SingleModelTask, Task):
         return self._make_metrics(self._metrics_arg, strategy)
 
     def _num_classes(self):
-        channels = _first_output(self.model.outputs if self.model.outputs else [None])
+        outputs = self.model.outputs or [None]
+        channels = outputs[self.main_output]
         if channels is None or channels.shape[-1] is None:
             raise ValueError(
                 "Trainer: cannot infer num_classes from the model's outputs; pass `metrics=` "
@@ -523,16 +568,19 @@ class SupervisedTask(_SingleModelTask, Task):
     def train_step(self, batch, ctx):
         x, y = self._unpack(batch)
         with tf.GradientTape() as tape:
-            pred = _first_output(self.model(x, training=True))
-            loss = ctx.average_loss(self.per_example_loss(y, pred))
+            outputs = _as_output_list(self.model(x, training=True))
+            per_example = tf.add_n([self.per_example_loss(y, outputs[i]) for i in self.heads])
+            loss = ctx.average_loss(per_example / float(len(self.heads)))
             loss += ctx.regularization_loss(self.model)
         ctx.minimize(tape, loss, self.model.trainable_variables, self.optimizer)
+        pred = outputs[self.main_output if len(outputs) > 1 else 0]
         self._update_metrics(y, tf.cast(pred, tf.float32))
         return {"loss": loss}
 
     def eval_step(self, batch, ctx):
         x, y = self._unpack(batch)
-        pred = tf.cast(_first_output(self.model(x, training=False)), tf.float32)
+        outputs = _as_output_list(self.model(x, training=False))
+        pred = tf.cast(outputs[self.main_output if len(outputs) > 1 else 0], tf.float32)
         self._update_metrics(y, pred)
         return {"loss": ctx.average_loss(self.per_example_loss(y, pred))}
 

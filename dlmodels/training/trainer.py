@@ -67,6 +67,8 @@ class Trainer:
             with no valid position contributes 0 but still counts in the denominator. This
             differs from PyTorch's `CrossEntropyLoss(ignore_index=...)` (`reduction="mean"`),
             which divides by the valid positions of the whole batch.
+        deep_supervision: "auto" or False; see `SupervisedTask` (several per-pixel heads, e.g.
+            UNet++ with `deep_supervision=True`, are trained on the mean of their losses).
         strategy: the strategy the models were built under; default
             `tf.distribute.get_strategy()`.
         checkpoint_dir: where `tf.train.CheckpointManager` saves (every `checkpoint_every`
@@ -94,6 +96,7 @@ class Trainer:
         optimizer=None,
         metrics=None,
         ignore_index=None,
+        deep_supervision="auto",
         strategy=None,
         checkpoint_dir=None,
         checkpoint_every=None,
@@ -109,6 +112,7 @@ class Trainer:
                 "optimizer": optimizer,
                 "metrics": metrics,
                 "ignore_index": ignore_index,
+                "deep_supervision": None if deep_supervision == "auto" else deep_supervision,
             }
             extra = [k for k, v in given.items() if v is not None]
             if extra:
@@ -126,6 +130,7 @@ class Trainer:
                 optimizer=optimizer,
                 metrics=metrics,
                 ignore_index=ignore_index,
+                deep_supervision=deep_supervision,
             )
         self.strategy = strategy or tf.distribute.get_strategy()
         self.progress = bool(progress)

@@ -410,3 +410,42 @@ def test_cross_entropy_by_name_is_refused_when_the_output_kind_is_unknown():
         SupervisedTask(seg_model("sigmoid"), loss="sparse_categorical_crossentropy")
     # A loss that is not a cross-entropy keeps working by name.
     assert SupervisedTask(unknown_model(), loss="mse").loss is not None
+
+
+def deep_supervision_model():
+    """Two heads on one trunk: "logits_1" (listed first) and the main "logits"."""
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    aux = keras.layers.Conv2D(3, 1, name="logits_1")(x)
+    main = keras.layers.Conv2D(3, 1, name="logits")(x)
+    cls = keras.layers.Dense(1, name="cgm")(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inp, [aux, main, cls])
+
+
+@pytest.mark.parametrize("deep", ["auto", False])
+def test_deep_supervision_averages_the_heads_and_reports_the_main_output(deep):
+    """The training loss is the mean over the per-pixel heads (or the main head only with
+    deep_supervision=False); metrics and the evaluation loss read the output named "logits",
+    not the first one; the classification output is not supervised."""
+    x, y = ignored_data(8)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    model = deep_supervision_model()
+    trainer = Trainer(
+        model,
+        ignore_index=255,
+        optimizer=keras.optimizers.SGD(0.0),
+        strategy=resolve_strategy("default"),
+        progress=False,
+        deep_supervision=deep,
+    )
+    aux, main, _ = (np.asarray(o) for o in model.predict(x, verbose=0))
+    ce_aux = numpy_ce(y, aux, ignore_index=255)
+    ce_main = numpy_ce(y, main, ignore_index=255)
+    assert abs(ce_aux - ce_main) > 1e-3  # the heads differ, so the test can tell them apart
+    history = trainer.fit(ds, epochs=1)
+    expected = (ce_aux + ce_main) / 2 if deep == "auto" else ce_main
+    assert history["loss"][0] == pytest.approx(expected, rel=1e-5)
+    result = trainer.evaluate(ds)
+    assert result["loss"] == pytest.approx(ce_main, rel=1e-5)
+    miou, _ = confusion_matrix_iou(y, main.argmax(-1), 3, ignore_index=255)
+    assert result["mean_iou"] == pytest.approx(miou, abs=1e-6)
