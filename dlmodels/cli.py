@@ -205,6 +205,16 @@ def train_cmd(
     train_samples: Annotated[int, typer.Option(min=1)] = 2000,
     base_filters: Annotated[int, typer.Option(min=1)] = 16,
     depth: Annotated[int, typer.Option(min=1)] = 3,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="segmentation: a ResNet name (resnet18 ... resnet152v2) for models that take "
+            "one (DeepLab, FCN, PSPNet; the U-Nets' own encoder when omitted)"
+        ),
+    ] = None,
+    output_stride: Annotated[
+        int | None, typer.Option(help="DeepLab / PSPNet: 8 or 16 (default: the model's)")
+    ] = None,
     strategy: Annotated[str, typer.Option(help="auto|default|one_device|mirrored|...")] = "auto",
     checkpoint_dir: Annotated[Path | None, typer.Option(help="resume from / save to")] = None,
     latent_dim: Annotated[
@@ -265,9 +275,26 @@ def train_cmd(
             param_hint="--dataset",
         )
     epochs = 7 if epochs is None else epochs
+    model_kwargs = {}
+    if backbone is not None:
+        model_kwargs["backbone"] = backbone
+    if output_stride is not None:
+        model_kwargs["output_stride"] = output_stride
+    try:  # build once to validate the arguments (input size, stride, backbone) up front
+        registry.get(
+            model.lower(),
+            input_shape=(*(size or (64, 64)), 3),
+            num_classes=4,
+            **demo.segmentation_model_kwargs(
+                model.lower(), {"depth": depth, "base_filters": base_filters}, model_kwargs
+            ),
+        )
+    except ValueError as err:
+        raise UserError(_one_line(err)) from None
     check_target(output, overwrite=overwrite)  # refuse before minutes of training
     result = demo.train_segmentation(
-        model_name=model,
+        model_kwargs=model_kwargs,
+        model_name=model.lower(),
         image_size=size or (64, 64),
         epochs=epochs,
         batch_size=batch_size,

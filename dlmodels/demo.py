@@ -65,18 +65,22 @@ def segmentation_model_kwargs(model_name, defaults, model_kwargs=None) -> dict:
     unknown = [k for k in (model_kwargs or {}) if not (takes_any or k in params)]
     if unknown:
         raise ValueError(
-            f"`model_kwargs` has {unknown} which {model_name!r} does not take; its arguments: "
+            f"{model_name!r} takes no argument {', '.join(unknown)} (e.g. --backbone is for "
+            "models built on a backbone network); its arguments: "
             f"{', '.join(p for p in params if p not in ('input_shape', 'num_classes'))}."
         )
     kwargs.update(model_kwargs or {})
     return kwargs
 
 
-def segmentation_miou(labels, outputs, num_classes=NUM_CLASSES):
-    """mIoU of argmax(outputs) against integer labels (default: the shapes classes)."""
+def segmentation_miou(labels, outputs, num_classes=NUM_CLASSES, main_output=0):
+    """mIoU of argmax(outputs) against integer labels (default: the shapes classes).
+
+    `outputs`: one array, or a list of a multi-output model's outputs of which the one at
+    `main_output` is scored (`dlmodels.training.tasks.main_output_index(model)`)."""
     from dlmodels.metrics import confusion_matrix_iou
 
-    logits = outputs[0] if isinstance(outputs, list | tuple) else outputs
+    logits = outputs[main_output] if isinstance(outputs, list | tuple) else outputs
     miou, _ = confusion_matrix_iou(labels, np.argmax(logits, axis=-1), num_classes)
     return float(miou)
 
@@ -148,7 +152,11 @@ def train_segmentation(
     history = trainer.fit(train_ds, val_ds, epochs=epochs)
     seconds = time.perf_counter() - start
     images, masks = shapes.load("test", image_size=image_size, seed=seed)
+    from dlmodels.training.tasks import main_output_index
+
     logits = model.predict(images, batch_size=32, verbose=0)
+    if isinstance(logits, list | tuple):
+        logits = logits[main_output_index(model)]
     from dlmodels.metrics import confusion_matrix_iou
 
     miou, per_class = confusion_matrix_iou(masks, np.argmax(logits, -1), num_classes)
@@ -185,11 +193,14 @@ def export_and_verify(
     calib, _ = shapes.load(
         "train", image_size=image_size, num_samples=calibration_samples, seed=seed
     )
-    num_classes = int(model.outputs[0].shape[-1])
-    segments = len(model.outputs[0].shape) == 4
+    from dlmodels.training.tasks import main_output_index
+
+    main = main_output_index(model)
+    num_classes = int(model.outputs[main].shape[-1])
+    segments = len(model.outputs[main].shape) == 4
 
     def miou(labels, outputs):
-        return segmentation_miou(labels, outputs, num_classes=num_classes)
+        return segmentation_miou(labels, outputs, num_classes=num_classes, main_output=main)
 
     return export.write_repository(
         model,
