@@ -204,7 +204,9 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     train_samples: Annotated[int, typer.Option(min=1)] = 2000,
     base_filters: Annotated[int, typer.Option(min=1)] = 16,
-    depth: Annotated[int, typer.Option(min=1)] = 3,
+    depth: Annotated[
+        int | None, typer.Option(min=1, help="U-Nets: levels (default 3; 4 with --backbone)")
+    ] = None,
     backbone: Annotated[
         str | None,
         typer.Option(
@@ -275,6 +277,8 @@ def train_cmd(
             param_hint="--dataset",
         )
     epochs = 7 if epochs is None else epochs
+    if depth is None:
+        depth = 4 if backbone is not None else 3  # a ResNet backbone gives 4 skip levels
     model_kwargs = {}
     if backbone is not None:
         model_kwargs["backbone"] = backbone

@@ -93,6 +93,18 @@ def _error_cases(tmp_path, model_file, data_file):
             ["[0, 255]", "21 classes", "--ignore-index"],
         ),
         "verify a missing onnx": (["verify", m, onnx], [onnx, dne]),
+        "train a classifier as a segmenter": (
+            ["train", "--model", "resnet18", "--output", str(d / "r.keras")],
+            ["'resnet18' is a classification model", "unet"],
+        ),
+        "train with an argument the model lacks": (
+            ["train", "--output-stride", "8", "--output", str(d / "b.keras")],
+            ["'unet' takes no argument output_stride"],
+        ),
+        "train at a size the depth cannot divide": (
+            ["train", "--image-size", "60x60", "--output", str(d / "s.keras")],
+            ["`input_shape`=(60, 60, 3)", "multiple of 2**depth = 8", "56 or 64"],
+        ),
     }
 
 
@@ -108,6 +120,9 @@ CASES = [
     "train an unknown model",
     "labels outside the classes",
     "verify a missing onnx",
+    "train a classifier as a segmenter",
+    "train with an argument the model lacks",
+    "train at a size the depth cannot divide",
 ]
 
 
