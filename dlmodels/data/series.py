@@ -17,15 +17,26 @@ may reach into the training part) and their targets from the tail only.
     data = forecasting_data("sunspots", window=22, horizon=1, test_size=40)
     model.fit(data.train_dataset(batch_size=32), ...)
     mae = np.mean(np.abs(data.denormalize(model.predict(data.x_test)) - data.y_test_raw))
+
+The user's own series comes from a CSV file with a header row: `load_csv(path, column,
+date_column=...)` reads one numeric column (rows sorted by the date column when given), and
+`forecasting_data_from_csv` windows it the same way:
+
+    data = forecasting_data_from_csv("sales.csv", "units", date_column="day", season=7,
+                                     window=28, horizon=7, test_size=56, val_size=28)
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 
 from dlmodels._validation import check_choice, check_positive_int
+from dlmodels.errors import UserError
 
 SERIES = ("sunspots", "co2")
 SEASON = {"sunspots": 11, "co2": 12}
@@ -51,6 +62,109 @@ def load_series(name: str) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ValueError(f"series {name!r} has non-finite values after loading")
     return values
+
+
+def load_csv(
+    path: str | os.PathLike,
+    column: str,
+    *,
+    date_column: str | None = None,
+    delimiter: str = ",",
+):
+    """One numeric column of a CSV file (with a header row) as a float32 series [time, 1].
+
+    Blank lines are skipped. With `date_column` the dates (ISO 8601: 2024-03-01, 2024-03,
+    2024-03-01T12:00) are parsed and the rows sorted by them, oldest first (files exported
+    newest first are common); a date seen twice is an error. Without it the file order is the
+    time order.
+
+    Args:
+        path: the CSV file.
+        column: the header name of the values.
+        date_column: the header name of the dates, or None.
+        delimiter: the field separator ("," by default; ";" or a tab in some exports).
+
+    Returns:
+        `(values, dates)`: float32 [time, 1] and numpy datetime64 [time] (None without
+        `date_column`).
+
+    Raises:
+        UserError: a missing file or column (the message lists the columns), a row with too few
+            fields, an empty, non-numeric or non-finite value or an unparseable or repeated date
+            (the message names the line and the value), fewer than 2 rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"load_csv: {path} is not a file" + (" (a folder)" if path.is_dir() else "")
+        )
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            # line_num after a row is read is the file line it ended on (quoted fields may
+            # span lines), which is what an error message should point to.
+            rows = [(reader.line_num, row) for row in reader if row]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"load_csv: cannot read {path} as CSV text: {err}") from err
+    if not rows:
+        raise UserError(f"load_csv: {path} is empty; expected a header row and values.")
+    header = [name.strip() for name in rows[0][1]]
+    wanted = {"column": column} | ({"date_column": date_column} if date_column else {})
+    where = {}
+    for arg, name in wanted.items():
+        if name not in header:
+            close = [h for h in header if h.lower() == str(name).lower()]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(
+                f"load_csv: {path} has no column {name!r}{hint}; its columns are "
+                f"{', '.join(repr(h) for h in header)}. Pass one of them as `{arg}`."
+            )
+        where[arg] = header.index(name)
+    values, dates = [], []
+    for line, row in rows[1:]:
+        if len(row) <= max(where.values()):
+            raise UserError(
+                f"load_csv: {path} line {line} has {len(row)} fields, the header {len(header)}; "
+                f"no value for {column!r}" + (f" / {date_column!r}" if date_column else "") + "."
+            )
+        cell = row[where["column"]].strip()
+        try:
+            value = float(cell)
+        except ValueError:
+            value = None
+        if value is None or not np.isfinite(value):
+            raise UserError(
+                f"load_csv: {path} line {line}: column {column!r} holds {cell!r}, not a finite "
+                "number. Fill or drop that row (missing values are not interpolated)."
+            )
+        values.append(value)
+        if date_column:
+            text = row[where["date_column"]].strip()
+            try:
+                dates.append(np.datetime64(text))
+            except ValueError:
+                dates.append(None)
+            if dates[-1] is None or np.isnat(dates[-1]):
+                raise UserError(
+                    f"load_csv: {path} line {line}: column {date_column!r} holds {text!r}, not "
+                    "an ISO 8601 date (e.g. 2024-03-01 or 2024-03-01T12:00)."
+                )
+    if len(values) < 2:
+        raise UserError(f"load_csv: {path} has {len(values)} value rows; a series needs >= 2.")
+    series = np.asarray(values, np.float32)[:, None]
+    if not date_column:
+        return series, None
+    stamps = np.asarray(dates, dtype="datetime64")
+    order = np.argsort(stamps, kind="stable")
+    stamps, series = stamps[order], series[order]
+    repeated = np.flatnonzero(stamps[1:] == stamps[:-1])
+    if len(repeated):
+        lines = [rows[1:][order[i]][0] for i in (repeated[0], repeated[0] + 1)]
+        raise UserError(
+            f"load_csv: {path} lines {lines[0]} and {lines[1]} have the same date "
+            f"{stamps[repeated[0]]} in {date_column!r}; keep one value per date."
+        )
+    return series, stamps
 
 
 def make_windows(values: np.ndarray, window: int, horizon: int, *, start: int = 0):
@@ -104,6 +218,7 @@ class ForecastingData:
         series: the raw series [time, features]; train_end / val_end: split indices (targets
             of train windows lie before train_end, of validation windows before val_end, of
             test windows at or after val_end).
+        dates: datetime64 [time] of a CSV series read with a date column, else None.
     """
 
     name: str
@@ -122,6 +237,7 @@ class ForecastingData:
     series: np.ndarray
     train_end: int
     val_end: int
+    dates: np.ndarray | None = None
 
     def normalize(self, values):
         return (np.asarray(values, np.float32) - self.mean) / self.std
@@ -150,29 +266,54 @@ def forecasting_data(
     horizon: int = 1,
     test_size: int = 40,
     val_size: int = 30,
+    values: np.ndarray | None = None,
+    season: int | None = None,
+    dates: np.ndarray | None = None,
 ) -> ForecastingData:
-    """Windows of a statsmodels series with a held-out tail, normalized on the train part.
+    """Windows of a statsmodels series (or of `values`) with a held-out tail, normalized on the
+    train part.
 
     Args:
-        name: "sunspots" or "co2".
+        name: "sunspots" or "co2"; with `values`, only a label for the series.
         window: input steps per window.
         horizon: predicted steps per window.
         test_size: length of the held-out tail (steps whose values are test targets).
         val_size: steps before the tail whose values are validation targets.
+        values: the series itself, [time] or [time, features] (e.g. from `load_csv`), instead
+            of a named statsmodels series.
+        season: seasonal period for the seasonal-naive baseline; default the named series'
+            (`SEASON`), or 1 (the last value repeated) for `values`.
+        dates: the dates of `values`, kept in `ForecastingData.dates`.
 
     Returns:
         A `ForecastingData`.
     """
-    series = load_series(name)
-    test_size = check_positive_int("test_size", test_size, owner="forecasting_data")
-    val_size = check_positive_int("val_size", val_size, owner="forecasting_data")
+    owner = "forecasting_data"
+    if values is None:
+        series = load_series(name)
+        season = SEASON[name] if season is None else season
+    else:
+        series = np.asarray(values, np.float32)
+        series = series[:, None] if series.ndim == 1 else series
+        if series.ndim != 2 or not np.all(np.isfinite(series)):
+            raise UserError(
+                f"{owner}: `values` must be a finite [time] or [time, features] array, got shape "
+                f"{np.shape(values)}" + ("" if series.ndim != 2 else " with non-finite values")
+            )
+        season = 1 if season is None else season
+    season = check_positive_int("season", season, owner=owner)
+    window = check_positive_int("window", window, owner=owner)
+    horizon = check_positive_int("horizon", horizon, owner=owner)
+    test_size = check_positive_int("test_size", test_size, owner=owner)
+    val_size = check_positive_int("val_size", val_size, owner=owner)
     n = len(series)
     val_end = n - test_size
     train_end = val_end - val_size
     if train_end < window + horizon + 1:
-        raise ValueError(
+        raise UserError(
             f"series {name!r} has {n} steps: too short for test_size={test_size}, "
-            f"val_size={val_size} and window={window}"
+            f"val_size={val_size} and window={window} (it needs at least "
+            f"{test_size + val_size + window + horizon + 1}); lower them or use a longer series"
         )
     mean = series[:train_end].mean(axis=0)
     std = series[:train_end].std(axis=0) + 1e-6
@@ -191,7 +332,7 @@ def forecasting_data(
     _, y_test_raw = make_windows(series, window, horizon, start=val_end)  # the tail as stored
     return ForecastingData(
         name=name,
-        season=SEASON[name],
+        season=season,
         window=window,
         horizon=horizon,
         mean=mean,
@@ -206,6 +347,36 @@ def forecasting_data(
         series=series,
         train_end=train_end,
         val_end=val_end,
+        dates=dates,
+    )
+
+
+def forecasting_data_from_csv(
+    path: str | os.PathLike,
+    column: str,
+    *,
+    date_column: str | None = None,
+    delimiter: str = ",",
+    season: int = 1,
+    window: int = 22,
+    horizon: int = 1,
+    test_size: int = 40,
+    val_size: int = 30,
+) -> ForecastingData:
+    """`load_csv` then `forecasting_data(values=...)`: windows of the user's own series, its last
+    `test_size` steps held out, normalized on the train part. `season` is the period of the
+    seasonal-naive baseline (7 for daily data with a weekly cycle, 12 for monthly; 1 = repeat
+    the last value). The series is named after `column`."""
+    values, dates = load_csv(path, column, date_column=date_column, delimiter=delimiter)
+    return forecasting_data(
+        column,
+        window=window,
+        horizon=horizon,
+        test_size=test_size,
+        val_size=val_size,
+        values=values,
+        season=season,
+        dates=dates,
     )
 
 

@@ -37,10 +37,14 @@ from dlmodels.models.sequence import (
     teacher_forcing_inputs,
 )
 from dlmodels.models.unet import UNet
+from dlmodels.models.unet3plus import ClassGuidedGate, UNet3Plus
+from dlmodels.models.unet_plus_plus import UNetPlusPlus
+from dlmodels.models.unet_plus_plus import prune as prune_unet_plus_plus
 from dlmodels.models.vae import VAE
 
 __all__ = [
     "VAE",
+    "ClassGuidedGate",
     "ConditionalGAN",
     "ResNet",
     "ResNet18",
@@ -55,6 +59,8 @@ __all__ = [
     "SequenceClassifier",
     "SequenceForecaster",
     "UNet",
+    "UNet3Plus",
+    "UNetPlusPlus",
     "backbone_features",
     "entry",
     "feature_model",
@@ -62,6 +68,7 @@ __all__ = [
     "get",
     "list",
     "output_kind",
+    "prune_unet_plus_plus",
     "register",
     "resnet_features",
     "seq2seq_inference_model",

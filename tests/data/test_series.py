@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dlmodels.data import series
+from dlmodels.errors import UserError
 
 
 @pytest.fixture
@@ -94,3 +95,90 @@ def test_synthetic_min_length_above_time_is_an_error():
         series.synthetic_sequences(10, time=20, min_length=25)
     _, _, lengths = series.synthetic_sequences(10, time=20, min_length=20)
     assert np.all(lengths == 20)
+
+
+def _csv(tmp_path, text, name="data.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_csv_column_is_read_exactly_and_sorted_by_date(tmp_path):
+    # Newest first, as many exports are; a blank line and quoted, padded cells.
+    path = _csv(
+        tmp_path,
+        'day,units,note\n2024-01-03,3.5,c\n\n2024-01-01, 1e2 ,"a, quoted"\n2024-01-02,-7,b\n',
+    )
+    values, dates = series.load_csv(path, "units", date_column="day")
+    assert values.dtype == np.float32 and values.shape == (3, 1)
+    np.testing.assert_array_equal(values[:, 0], [100.0, -7.0, 3.5])
+    np.testing.assert_array_equal(
+        dates, np.array(["2024-01-01", "2024-01-02", "2024-01-03"], "datetime64[D]")
+    )
+    plain, none = series.load_csv(path, "units")  # file order without a date column
+    np.testing.assert_array_equal(plain[:, 0], [3.5, 100.0, -7.0])
+    assert none is None
+    semi = _csv(tmp_path, "t;x\n1;2\n2;4\n", "semi.csv")
+    np.testing.assert_array_equal(series.load_csv(semi, "x", delimiter=";")[0][:, 0], [2, 4])
+
+
+@pytest.mark.parametrize(
+    "text, kwargs, match",
+    [
+        ("a,b\n1,2\n", {"column": "c"}, r"no column 'c'; its columns are 'a', 'b'"),
+        ("Units\n1\n2\n", {"column": "units"}, r"no column 'units' \(did you mean 'Units'\?\)"),
+        ("a,b\n1,2\n3,x\n", {"column": "b"}, r"line 3: column 'b' holds 'x', not a finite"),
+        ("a,b\n1,2\n3,\n", {"column": "b"}, r"line 3: column 'b' holds '', not a finite"),
+        ("a,b\n1,2\n3,nan\n", {"column": "b"}, r"line 3: column 'b' holds 'nan'"),
+        ("a,b\n1,2\n3\n", {"column": "b"}, r"line 3 has 1 fields, the header 2"),
+        (
+            "d,v\n2024-01-01,1\n01/02/2024,2\n",
+            {"column": "v", "date_column": "d"},
+            r"line 3: column 'd' holds '01/02/2024', not an ISO 8601 date",
+        ),
+        (
+            "d,v\n2024-01-02,1\n2024-01-01,2\n2024-01-02,3\n",
+            {"column": "v", "date_column": "d"},
+            r"lines 2 and 4 have the same date 2024-01-02",
+        ),
+        ("a\n1\n", {"column": "a"}, r"has 1 value rows; a series needs >= 2"),
+        ("", {"column": "a"}, r"is empty"),
+    ],
+)
+def test_csv_errors_name_the_column_line_and_value(tmp_path, text, kwargs, match):
+    path = _csv(tmp_path, text)
+    with pytest.raises(UserError, match=match):
+        series.load_csv(path, **kwargs)
+
+
+def test_forecasting_data_from_csv_windows_the_column(tmp_path):
+    t = np.arange(120)
+    values = (10 + t % 7 + 0.5 * t).astype(np.float32)  # weekly cycle on a trend
+    dates = np.datetime64("2024-01-01") + t
+    lines = [f"{d},{v!r}" for d, v in zip(dates[::-1], values[::-1].tolist(), strict=True)]
+    path = _csv(tmp_path, "date,sales\n" + "\n".join(lines) + "\n")
+    data = series.forecasting_data_from_csv(
+        path,
+        "sales",
+        date_column="date",
+        season=7,
+        window=14,
+        horizon=2,
+        test_size=20,
+        val_size=10,
+    )
+    assert data.name == "sales" and data.season == 7 and data.dates[0] == dates[0]
+    np.testing.assert_array_equal(data.series[:, 0], values)
+    assert data.val_end == 100 and data.train_end == 90
+    np.testing.assert_allclose(data.mean, values[:90].mean(), rtol=1e-6)
+    # Test targets are the raw tail; the seasonal-naive forecast repeats last week's value.
+    np.testing.assert_array_equal(data.y_test_raw[:, 0, 0], values[100:119])
+    np.testing.assert_allclose(data.seasonal_naive_test()[:, 0, 0], values[93:112], rtol=1e-5)
+    same = series.forecasting_data(
+        "sales", values=values, season=7, window=14, horizon=2, test_size=20, val_size=10
+    )
+    np.testing.assert_array_equal(same.x_train, data.x_train)
+    with pytest.raises(UserError, match=r"has 120 steps: too short .* needs at least 147"):
+        series.forecasting_data_from_csv(path, "sales", window=14, horizon=2, test_size=100)
+    with pytest.raises(UserError, match=r"load_csv: .* is not a file"):
+        series.forecasting_data_from_csv(tmp_path / "missing.csv", "sales")
