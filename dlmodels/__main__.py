@@ -9,7 +9,6 @@ saying what to install instead of an ImportError traceback.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 FULL_INSTALL = "pip install 'dlmodels[tf]'"
@@ -46,7 +45,9 @@ def main(argv: list[str] | None = None) -> int | None:
         # A `.keras` file holding dlmodels layers loads only once they are registered, which
         # `import dlmodels` no longer does (it stays free of Keras); every command but --help
         # imports Keras anyway. TensorFlow's start-up chatter stays quiet, as in dlmodels.cli.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from dlmodels.cli import _quiet_tf
+
+        _quiet_tf()
         import dlmodels.layers  # noqa: F401
 
     from dlmodels.cli import main as cli_main

@@ -69,8 +69,8 @@ def test_losses_serialize_and_validate(batch):
         losses.DiceLoss(smooth=-1)
     with pytest.raises(ValueError, match="dice_weight"):
         losses.DiceCrossEntropy(dice_weight=-1)
-    with pytest.raises(ValueError, match="'dice', 'dice_ce'"):
-        losses.get("focal")
+    with pytest.raises(ValueError, match="'dice', 'dice_ce', 'focal', 'focal_dice'"):
+        losses.get("lovasz")
 
 
 def test_numpy_iou_by_hand():

@@ -42,12 +42,16 @@ def load_arrays(
     rescale: float = 1.0 / 255.0,
     max_samples: int | None = None,
     seed: int | None = None,
+    ignore_index: int | None = None,
 ):
     """Read model inputs (and optional labels) from an `.npz`, a `.npy` or a folder of images.
 
     - `.npz`: one array per model input, named after the input; a single-input model may use
       `x` instead. Labels, when present, are the array `y` (or `labels`).
     - `.npy`: the one input of a single-input model; no labels.
+    - a training folder (`dlmodels.data.folders`: `images/` + `masks/`, or one sub-folder per
+      class): every image with its mask or class label, resized to the model's input size;
+      `ignore_index` names the mask value that marks void pixels (e.g. 255).
     - a folder: the images in it (png, jpg, bmp, gif; sorted by name) for a single image input
       (batch, H, W, C); decoded with C channels, resized to the model's H x W when fixed (else to
       `image_size`, else every image must have the same size), multiplied by `rescale`.
@@ -79,6 +83,10 @@ def load_arrays(
     ):
         raise UserError(f"max_samples must be an int >= 1 or None, got {max_samples!r}")
     labels = None
+    if path.is_dir() and _is_layout_folder(path):
+        return _layout_folder_arrays(
+            path, names, input_shapes, image_size, max_samples, seed, ignore_index
+        )
     if path.is_dir():
         files = _image_files(path, names, input_shapes)
         idx = sample_indices(len(files), max_samples, seed)
@@ -125,6 +133,33 @@ def load_arrays(
 
 
 _LABELS = "\0labels"
+
+
+def _is_layout_folder(path: Path) -> bool:
+    """A training folder (`dlmodels.data.folders`): images/ + masks/, or class sub-folders."""
+    if (path / "images").is_dir() and (path / "masks").is_dir():
+        return True
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    return bool(entries) and all(p.is_dir() for p in entries)
+
+
+def _layout_folder_arrays(path, names, input_shapes, image_size, max_samples, seed, ignore_index):
+    """Images and labels of a segmentation or classification folder, resized to the model's
+    input size, every split together (calibration and verification draw from them)."""
+    from dlmodels.data import folders
+
+    if len(names) != 1:
+        raise UserError(f"{path} is an image folder but the model has inputs {names}")
+    shape = tuple(input_shapes[0]) if input_shapes else (None, None, None, None)
+    size = tuple(shape[1:3]) if None not in shape[1:3] else image_size
+    data = folders.load_folder(
+        path,
+        image_size=size,
+        channels=shape[-1],
+        ignore_index=ignore_index if (path / "masks").is_dir() else None,
+    )
+    idx = sample_indices(len(data.images), max_samples, seed)
+    return {names[0]: data.images[idx]}, data.labels[idx]
 
 
 def _check_counts(path: Path, counts: dict[str, int]) -> None:

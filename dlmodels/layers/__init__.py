@@ -1,5 +1,6 @@
 """Building blocks, each a serializable Keras layer registered under package "dlmodels"."""
 
+from dlmodels.layers.attention import AttentionGate
 from dlmodels.layers.conv import NORMS, ConvNormAct, make_activation, make_norm
 from dlmodels.layers.features import FeatureTap
 from dlmodels.layers.recurrent import GRUCell, LastStep, LSTMCell, SequenceCheck
@@ -8,6 +9,7 @@ from dlmodels.layers.sampling import Sampling
 
 __all__ = [
     "NORMS",
+    "AttentionGate",
     "BottleneckBlock",
     "ConvNormAct",
     "FeatureTap",

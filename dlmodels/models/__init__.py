@@ -36,7 +36,14 @@ from dlmodels.models.sequence import (
     seq2seq_inference_model,
     teacher_forcing_inputs,
 )
-from dlmodels.models.unet import UNet
+from dlmodels.models.unet import (
+    AttentionUNet,
+    ResUNet,
+    UNet,
+    predict_tiled,
+    unet_valid_input_size,
+    unet_valid_output_size,
+)
 from dlmodels.models.unet3plus import ClassGuidedGate, UNet3Plus
 from dlmodels.models.unet_plus_plus import UNetPlusPlus
 from dlmodels.models.unet_plus_plus import prune as prune_unet_plus_plus
@@ -44,6 +51,7 @@ from dlmodels.models.vae import VAE
 
 __all__ = [
     "VAE",
+    "AttentionUNet",
     "ClassGuidedGate",
     "ConditionalGAN",
     "ResNet",
@@ -55,6 +63,7 @@ __all__ = [
     "ResNet101V2",
     "ResNet152",
     "ResNet152V2",
+    "ResUNet",
     "Seq2SeqForecaster",
     "SequenceClassifier",
     "SequenceForecaster",
@@ -68,9 +77,12 @@ __all__ = [
     "get",
     "list",
     "output_kind",
+    "predict_tiled",
     "prune_unet_plus_plus",
     "register",
     "resnet_features",
     "seq2seq_inference_model",
     "teacher_forcing_inputs",
+    "unet_valid_input_size",
+    "unet_valid_output_size",
 ]

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from dlmodels._validation import check_choice
-from dlmodels.metrics import MeanIoU
+from dlmodels.metrics import MeanIoU, PixelAccuracy
 from dlmodels.models.outputs import output_kind
 
 SUPERVISED_TASKS = ("segmentation", "classification")
@@ -543,7 +543,12 @@ class SupervisedTask(_SingleModelTask, Task):
                     accumulator_dtype="float32" if tpu else "float64",
                     name="mean_iou",
                 ),
-                keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
+                PixelAccuracy(
+                    self._num_classes(),
+                    ignore_index=self.ignore_index,
+                    accumulator_dtype="float32" if tpu else "float64",
+                    name="pixel_accuracy",
+                ),
             ]
         return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
