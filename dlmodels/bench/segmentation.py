@@ -27,7 +27,7 @@ ZOO = {
     "attention_unet": {"depth": 3, "base_filters": 16, "upsampling": "bilinear"},
     "resunet": {"depth": 3, "base_filters": 16, "upsampling": "bilinear"},
     "unet_plus_plus": {"depth": 3, "base_filters": 16, "upsampling": "bilinear"},
-    "unet3plus": {"depth": 3, "base_filters": 16},
+    "unet3plus": {"depth": 3, "base_filters": 16, "cat_channels": 16},
     "deeplabv3plus": {"backbone": "resnet18", "output_stride": 8},
 }
 
@@ -112,6 +112,7 @@ def run(
     iters=30,
     seed=0,
     verbose=True,
+    merge=False,
 ) -> dict:
     """Train, export, verify and time each model; write and return the results.
 
@@ -122,6 +123,8 @@ def run(
         training: overrides of other `TRAINING` entries (image_size, train_samples, ...).
         iters: timed batch-1 calls per artifact.
         seed: data, initialization and calibration seed.
+        merge: keep the rows of other models already in `output` (a run that adds or redoes
+            some models); their own machine and load entries are kept with them.
     """
     from dlmodels.bench.harness import machine_info, write_results
 
@@ -145,6 +148,18 @@ def run(
         "rows": rows,
         "machine": machine_info(),
     }
+    if merge and output is not None and Path(output).exists():
+        import json
+
+        previous = json.loads(Path(output).read_text())
+        done = {r["model"] for r in rows}
+        kept = [
+            {**r, "run": {k: previous.get(k) for k in ("created", "load_average_at_end")}}
+            for r in previous.get("rows", [])
+            if r["model"] not in done
+        ]
+        order = {n: i for i, n in enumerate(ZOO)}
+        payload["rows"] = sorted(kept + rows, key=lambda r: order.get(r["model"], len(order)))
     if output is not None:
         write_results(output, payload)
     return payload
@@ -159,8 +174,18 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--merge", action="store_true", help="keep other models' rows already in --output"
+    )
     args = parser.parse_args(argv)
-    run(args.models, output=args.output, epochs=args.epochs, iters=args.iters, seed=args.seed)
+    run(
+        args.models,
+        output=args.output,
+        epochs=args.epochs,
+        iters=args.iters,
+        seed=args.seed,
+        merge=args.merge,
+    )
 
 
 if __name__ == "__main__":

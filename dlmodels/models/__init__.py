@@ -14,8 +14,11 @@ Conventions every builder follows:
 """
 
 from dlmodels.models.backbone import backbone_features, feature_model, feature_strides
+from dlmodels.models.deeplab import DeepLabV3, DeepLabV3Plus
+from dlmodels.models.fcn import FCN
 from dlmodels.models.gan import ConditionalGAN
 from dlmodels.models.outputs import output_kind
+from dlmodels.models.pspnet import PSPNet
 from dlmodels.models.registry import entry, get, list, register
 from dlmodels.models.resnet import (
     ResNet,
@@ -50,10 +53,14 @@ from dlmodels.models.unet_plus_plus import prune as prune_unet_plus_plus
 from dlmodels.models.vae import VAE
 
 __all__ = [
+    "FCN",
     "VAE",
     "AttentionUNet",
     "ClassGuidedGate",
     "ConditionalGAN",
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "PSPNet",
     "ResNet",
     "ResNet18",
     "ResNet34",
