@@ -132,11 +132,10 @@ def train_segmentation(
     )
     val_ds = shapes.dataset("validation", batch_size=batch_size, image_size=image_size, seed=seed)
     with strat.scope():
-        kwargs = segmentation_model_kwargs(
-            model_name,
-            {"depth": depth, "base_filters": base_filters, "upsampling": upsampling},
-            model_kwargs,
-        )
+        defaults = {"depth": depth, "base_filters": base_filters, "upsampling": upsampling}
+        if "backbone" in (model_kwargs or {}) and "depth" not in model_kwargs:
+            defaults.pop("depth")  # a ResNet backbone fixes the U-Nets' depth (4 skip levels)
+        kwargs = segmentation_model_kwargs(model_name, defaults, model_kwargs)
         model = registry.get(
             model_name, input_shape=(*image_size, 3), num_classes=num_classes, **kwargs
         )

@@ -37,6 +37,9 @@ def _first_output(outputs):
 
 
 MAIN_OUTPUT_NAME = "logits"
+# An image-level "is anything but background present" output (UNet 3+'s classification-guided
+# module): (batch, 2) scores for [absent, present].
+PRESENCE_OUTPUT_NAME = "cgm"
 
 
 def main_output_index(model) -> int:
@@ -326,8 +329,11 @@ class SupervisedTask(_SingleModelTask, Task):
             `deep_supervision=True`, the training loss is the mean of the loss over all of them
             (Lee et al. 2015, "Deeply-Supervised Nets"; the UNet++ and UNet 3+ papers); False
             trains the main output only. Metrics and the validation loss always read the main
-            output, the one a deployment predicts with. Other outputs (e.g. a classification
-            branch) are not supervised by this task.
+            output, the one a deployment predicts with. An output named "cgm" (UNet 3+'s
+            classification-guided module, (batch, 2) sigmoid scores for [absent, present]) is
+            trained jointly with binary cross-entropy against "the mask holds a pixel other than
+            background (0) and the ignore index" (Huang et al. 2020, section 2.3); other
+            outputs are not supervised by this task.
 
     Raises:
         ValueError: unknown `task`, a loss whose `from_logits` contradicts the model's output,
@@ -354,6 +360,12 @@ class SupervisedTask(_SingleModelTask, Task):
         check_choice("deep_supervision", deep_supervision, ("auto", False), owner="SupervisedTask")
         self.main_output = main_output_index(model)
         self.heads = self._supervised_heads(deep_supervision == "auto")
+        names = list(getattr(model, "output_names", None) or [])
+        self.presence_output = (
+            names.index(PRESENCE_OUTPUT_NAME)
+            if self.task == "segmentation" and PRESENCE_OUTPUT_NAME in names
+            else None
+        )
         if ignore_index is not None and (
             isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
         ):
@@ -517,6 +529,26 @@ class SupervisedTask(_SingleModelTask, Task):
             tf.reduce_sum(values * mask, axis=axes), tf.reduce_sum(mask, axis=axes)
         )
 
+    def presence_loss(self, y, scores):
+        """Per-example binary cross-entropy of a (batch, 2) [absent, present] output against
+        whether each mask holds a foreground pixel (a label other than 0 and the ignore
+        index); sigmoid probabilities or, when that output is linear, logits."""
+        y = tf.cast(y, tf.int32)
+        foreground = tf.not_equal(y, 0)
+        if self.ignore_index is not None:
+            foreground = tf.logical_and(foreground, tf.not_equal(y, self.ignore_index))
+        axes = list(range(1, y.shape.rank))
+        present = tf.cast(tf.reduce_any(foreground, axis=axes), tf.int32)
+        target = tf.one_hot(present, 2, dtype=tf.float32)
+        scores = tf.cast(scores, tf.float32)
+        kinds = output_kind(self.model)
+        if kinds[self.presence_output] == "logits":
+            values = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=scores)
+        else:
+            p = tf.clip_by_value(scores, 1e-7, 1.0 - 1e-7)
+            values = -(target * tf.math.log(p) + (1.0 - target) * tf.math.log(1.0 - p))
+        return tf.reduce_mean(values, axis=-1)
+
     # -- building ----------------------------------------------------------------------------
     def _build_metrics(self, strategy):
         return self._make_metrics(self._metrics_arg, strategy)
@@ -575,7 +607,10 @@ class SupervisedTask(_SingleModelTask, Task):
         with tf.GradientTape() as tape:
             outputs = _as_output_list(self.model(x, training=True))
             per_example = tf.add_n([self.per_example_loss(y, outputs[i]) for i in self.heads])
-            loss = ctx.average_loss(per_example / float(len(self.heads)))
+            per_example = per_example / float(len(self.heads))
+            if self.presence_output is not None:
+                per_example += self.presence_loss(y, outputs[self.presence_output])
+            loss = ctx.average_loss(per_example)
             loss += ctx.regularization_loss(self.model)
         ctx.minimize(tape, loss, self.model.trainable_variables, self.optimizer)
         pred = outputs[self.main_output if len(outputs) > 1 else 0]

@@ -418,16 +418,18 @@ def deep_supervision_model():
     x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
     aux = keras.layers.Conv2D(3, 1, name="logits_1")(x)
     main = keras.layers.Conv2D(3, 1, name="logits")(x)
-    cls = keras.layers.Dense(1, name="cgm")(keras.layers.GlobalAveragePooling2D()(x))
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    cls = keras.layers.Dense(2, activation="sigmoid", name="cgm")(pooled)
     return keras.Model(inp, [aux, main, cls])
 
 
 @pytest.mark.parametrize("deep", ["auto", False])
-def test_deep_supervision_averages_the_heads_and_reports_the_main_output(deep):
+def test_deep_supervision_and_presence_losses_and_the_main_output(deep):
     """The training loss is the mean over the per-pixel heads (or the main head only with
-    deep_supervision=False); metrics and the evaluation loss read the output named "logits",
-    not the first one; the classification output is not supervised."""
+    deep_supervision=False) plus the presence output's binary cross-entropy; metrics and the
+    evaluation loss read the output named "logits", not the first one."""
     x, y = ignored_data(8)
+    y[1] = np.where(y[1] == 255, 255, 0)  # an example with background only: "absent"
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     model = deep_supervision_model()
     trainer = Trainer(
@@ -438,12 +440,16 @@ def test_deep_supervision_averages_the_heads_and_reports_the_main_output(deep):
         progress=False,
         deep_supervision=deep,
     )
-    aux, main, _ = (np.asarray(o) for o in model.predict(x, verbose=0))
+    aux, main, cgm = (np.asarray(o, np.float64) for o in model.predict(x, verbose=0))
     ce_aux = numpy_ce(y, aux, ignore_index=255)
     ce_main = numpy_ce(y, main, ignore_index=255)
     assert abs(ce_aux - ce_main) > 1e-3  # the heads differ, so the test can tell them apart
+    present = np.array([np.any((m != 0) & (m != 255)) for m in y])
+    assert present.tolist() == [False, False] + [True] * 6  # example 0 is all void
+    target = np.stack([~present, present], -1).astype(np.float64)
+    bce = -(target * np.log(cgm) + (1 - target) * np.log(1 - cgm)).mean()
     history = trainer.fit(ds, epochs=1)
-    expected = (ce_aux + ce_main) / 2 if deep == "auto" else ce_main
+    expected = ((ce_aux + ce_main) / 2 if deep == "auto" else ce_main) + bce
     assert history["loss"][0] == pytest.approx(expected, rel=1e-5)
     result = trainer.evaluate(ds)
     assert result["loss"] == pytest.approx(ce_main, rel=1e-5)
