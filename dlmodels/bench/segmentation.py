@@ -21,14 +21,23 @@ from pathlib import Path
 DEFAULT_OUT = Path("benchmarks/results/segmentation.json")
 
 # name -> builder keyword arguments. U-Nets: 3 levels from 16 filters (the demo's U-Net);
-# DeepLabV3+: the smallest ResNet as its backbone, output stride 8 (the shapes are small).
+# DeepLabV3+: the smallest ResNet as its backbone (see below).
 ZOO = {
     "unet": {"depth": 3, "base_filters": 16, "upsampling": "bilinear"},
     "attention_unet": {"depth": 3, "base_filters": 16, "upsampling": "bilinear"},
     "resunet": {"depth": 3, "base_filters": 16, "upsampling": "bilinear"},
     "unet_plus_plus": {"depth": 3, "base_filters": 16, "upsampling": "bilinear"},
     "unet3plus": {"depth": 3, "base_filters": 16, "cat_channels": 16},
-    "deeplabv3plus": {"backbone": "resnet18", "output_stride": 8},
+    # The paper's ASPP rates (6, 12, 18) are for 513x513 crops; at 64x64 and output stride 16
+    # the C5 map is 4x4 and those rates would read only padding, so they are scaled down with
+    # the image (513 / 64 ~ 8x); the ASPP and decoder widths are halved to 128.
+    "deeplabv3plus": {
+        "backbone": "resnet18",
+        "output_stride": 16,
+        "rates": (1, 2, 3),
+        "aspp_filters": 128,
+        "decoder_filters": 128,
+    },
 }
 
 TRAINING = {
