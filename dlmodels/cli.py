@@ -752,7 +752,7 @@ def export_cmd(
     else:
         from dlmodels.data.arrays import load_arrays
 
-        wanted = wanted or list(export.FORMATS)
+        wanted = wanted or list(export.DEFAULT_FORMATS)
         # A seeded random subset, in random order: the calibration / verification split below
         # is then unbiased on sorted data, and only what is used is held in memory.
         inputs, all_labels = load_arrays(

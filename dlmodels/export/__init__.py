@@ -5,12 +5,23 @@
     verify / onnx_predict                 parity in a fresh onnxruntime process
     write_manifest / ArtifactEntry        manifest.json with I/O specs, parity, metrics, versions
     write_repository                      all of the above for any functional model, one call
+    to_fp16 / verify_fp16                 ONNX float16 (Resize & co kept fp32)
+    to_openvino / OpenVINOModel / verify_openvino   OpenVINO IR, f32 / bf16 / int8 (optional extra)
+    write_triton_repository / write_tfserving_base_path   serving layouts from a repository
 
 Every writer refuses an existing target unless `overwrite=True`, and a failed export leaves
 neither a partial file nor temp debris behind.
 """
 
+from dlmodels.export.fp16 import (
+    FP16_ATOL,
+    fp16_fallback_ops,
+    fp16_op_summary,
+    to_fp16,
+    verify_fp16,
+)
 from dlmodels.export.keras_format import to_keras
+from dlmodels.export.layouts import write_tfserving_base_path, write_triton_repository
 from dlmodels.export.manifest import (
     ArtifactEntry,
     artifact_size,
@@ -27,6 +38,7 @@ from dlmodels.export.onnx_rnn import (
     op_counts,
     replace_rnn_loops,
 )
+from dlmodels.export.openvino import OpenVINOModel, to_openvino, verify_openvino
 from dlmodels.export.quantize import (
     ArrayCalibrationReader,
     QuantizeReport,
@@ -47,6 +59,7 @@ from dlmodels.export.verify import (
 # After the writers above: repository imports them through this package.
 from dlmodels.export.repository import (  # isort: skip
     ARTIFACT_PATHS,
+    DEFAULT_FORMATS,
     FORMATS,
     ArtifactResult,
     RepositoryReport,
@@ -56,13 +69,16 @@ from dlmodels.export.repository import (  # isort: skip
 
 __all__ = [
     "ARTIFACT_PATHS",
+    "DEFAULT_FORMATS",
     "DEFAULT_OPSET",
     "FORMATS",
+    "FP16_ATOL",
     "ArrayCalibrationReader",
     "ArtifactEntry",
     "ArtifactResult",
     "NativeRNNError",
     "OpAssertionError",
+    "OpenVINOModel",
     "QuantizeReport",
     "RepositoryReport",
     "UnsupportedOpError",
@@ -72,6 +88,8 @@ __all__ = [
     "assert_ops",
     "compare_outputs",
     "default_reduce_range",
+    "fp16_fallback_ops",
+    "fp16_op_summary",
     "keras_outputs",
     "model_output_kinds",
     "model_task",
@@ -82,11 +100,17 @@ __all__ = [
     "quantize_with_report",
     "replace_rnn_loops",
     "sample_dict",
+    "to_fp16",
     "to_keras",
     "to_onnx",
+    "to_openvino",
     "to_saved_model",
     "tool_versions",
     "verify",
+    "verify_fp16",
+    "verify_openvino",
     "write_manifest",
     "write_repository",
+    "write_tfserving_base_path",
+    "write_triton_repository",
 ]

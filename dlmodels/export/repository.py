@@ -32,14 +32,18 @@ from dlmodels.export.manifest import (
 from dlmodels.export.onnx import DEFAULT_OPSET
 from dlmodels.runtime.manifest import MANIFEST_FILENAME
 
-FORMATS = ("keras", "saved_model", "onnx", "int8")
-"""Formats `write_repository` writes, in the order it writes them."""
+FORMATS = ("keras", "saved_model", "onnx", "int8", "fp16")
+"""Formats `write_repository` can write, in the order it writes them."""
+
+DEFAULT_FORMATS = ("keras", "saved_model", "onnx", "int8")
+"""What `write_repository` writes unless told otherwise (fp16 only on request)."""
 
 ARTIFACT_PATHS = {
     "keras": "model.keras",
     "saved_model": "saved_model/1",
     "onnx": "model.onnx",
     "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
 }
 """Where each format goes, relative to the output directory (SavedModel in a TF Serving
 version directory)."""
@@ -49,6 +53,7 @@ ARTIFACT_NAMES = {
     "saved_model": "SavedModel",
     "onnx": "ONNX fp32",
     "int8": "ONNX int8",
+    "fp16": "ONNX fp16",
 }
 """Display names used in tables and in the manifest's `extra.artifact`."""
 
@@ -61,6 +66,7 @@ _METHODS = {
     "saved_model": "tf.saved_model.load, signature serving_default",
     "onnx": "onnxruntime CPU in a fresh process",
     "int8": "onnxruntime CPU in a fresh process",
+    "fp16": "onnxruntime CPU in a fresh process",
 }
 
 
@@ -330,13 +336,14 @@ def write_repository(
     output_dir: str | os.PathLike,
     *,
     samples,
-    formats: Sequence[str] | str = FORMATS,
+    formats: Sequence[str] | str = DEFAULT_FORMATS,
     labels=None,
     metric: Callable | None = None,
     metric_name: str | None = None,
     calibration=None,
     opset: int = DEFAULT_OPSET,
     atol: float = 1e-4,
+    fp16_atol: float = 1e-2,
     int8_max_metric_drop: float = 0.01,
     int8_min_agreement: float = 0.9,
     per_channel: bool = True,
@@ -373,7 +380,8 @@ def write_repository(
             `model.int8.onnx`) and `manifest.json`.
         samples: verification inputs: one array, a list in `model.inputs` order, or a dict by
             input name, each with a batch axis.
-        formats: subset of FORMATS (a sequence, or a comma-separated string).
+        formats: subset of FORMATS (a sequence, or a comma-separated string); default
+            DEFAULT_FORMATS ("fp16" on request: `model.fp16.onnx`, see `dlmodels.export.fp16`).
         labels: ground truth for `metric`, in whatever form `metric` takes.
         metric: `metric(labels, outputs) -> float`, outputs being the single output array (or a
             list in `model.output_names` order); computed on Keras and on every artifact.
@@ -382,6 +390,7 @@ def write_repository(
             Calibrating on the verification samples flatters int8; pass separate data.
         opset: ONNX opset.
         atol: parity bar of the fp32 artifacts.
+        fp16_atol: parity bar of the fp16 file (`dlmodels.export.fp16.FP16_ATOL`).
         int8_max_metric_drop: largest tolerated `keras metric - int8 metric`.
         int8_min_agreement: smallest tolerated argmax agreement of the int8 file.
         per_channel / reduce_range / max_calibration_samples: static int8 settings
@@ -472,7 +481,7 @@ def write_repository(
             got = _saved_model_outputs(path, feeds, batch_size)
             results.append(fp32_result("saved_model", path, got))
         onnx_path = None
-        if "onnx" in targets or "int8" in targets:
+        if "onnx" in targets or "int8" in targets or "fp16" in targets:
             onnx_path = targets.get("onnx", Path(scratch) / "model.onnx")
             export.to_onnx(model, onnx_path, opset=opset, overwrite=overwrite)
         verify_kw = {"labels": labels, "metric": metric, "expected": expected}
@@ -529,6 +538,28 @@ def write_repository(
                     method=_METHODS["int8"],
                     n_samples=n,
                     quantization=q.settings(),
+                )
+            )
+
+        if "fp16" in targets:
+            from dlmodels.export.fp16 import to_fp16
+
+            path = to_fp16(onnx_path, targets["fp16"], overwrite=overwrite)
+            report = export.verify(model, path, feeds, atol=fp16_atol, **verify_kw)
+            results.append(
+                ArtifactResult(
+                    format="fp16",
+                    artifact=ARTIFACT_NAMES["fp16"],
+                    path=path,
+                    size_bytes=artifact_size(path),
+                    max_abs_error=report.max_abs_error,
+                    mean_abs_error=report.mean_abs_error,
+                    agreement=report.agreement,
+                    metric=report.metric_onnx,
+                    passed=report.passed,
+                    judged_by=f"max abs error <= {fp16_atol:g}",
+                    method=_METHODS["fp16"],
+                    n_samples=n,
                 )
             )
 
@@ -595,7 +626,7 @@ def _benchmark(model, feeds, results, *, iters: int, warmup: int) -> float:
     for r in results:
         if r.format == "saved_model":
             predictors[r.artifact] = _saved_model_predictor(r.path)
-        elif r.format in ("onnx", "int8"):
+        elif r.format in ("onnx", "int8", "fp16"):
             predictors[r.artifact] = bench.ort_predictor(r.path)
     timings = bench.compare_predictors(predictors, x, warmup=warmup, iters=iters)
     base = timings[BASELINE]["p50_ms"]

@@ -1,0 +1,457 @@
+"""OpenVINO: IR conversion, fp32 / bf16 / int8 inference and parity against Keras.
+
+OpenVINO's CPU plugin runs the ONNX files `to_onnx` and `quantize` write: `to_openvino`
+converts one to OpenVINO IR (`model.xml` + `model.bin`, fp32 weights) with
+`openvino.convert_model` + `openvino.save_model`, and `OpenVINOModel` compiles an IR or ONNX
+file for a precision:
+
+    "f32"   INFERENCE_PRECISION_HINT f32. The CPU plugin's default on CPUs with AVX512-BF16 is
+            bf16, so fp32 parity needs the explicit hint.
+    "bf16"  INFERENCE_PRECISION_HINT bf16 (AVX512-BF16 / AMX): bfloat16 activations and
+            weights with fp32 accumulation (Kalamkar et al., "A Study of BFLOAT16 for Deep
+            Learning Training", 2019: 8-bit significand, fp32 range).
+    "int8"  an onnxruntime static QDQ int8 file (or its IR): OpenVINO reads the
+            QuantizeLinear/DequantizeLinear pairs as FakeQuantize and runs the convolutions in
+            int8 (u8 activations, i8 weights); the rest of the graph runs in f32.
+
+Tolerances against Keras (`TOLERANCES`, absolute, for outputs of order one; measured max |err|
+on the tiny BatchNorm + Resize test segmenter in brackets): f32 1e-4 (1e-6), bf16 5e-2 (1.1e-2),
+int8 judged by argmax agreement >= 0.9 (98%) and the task metric, not by an absolute error.
+
+`openvino` is optional (`pip install openvino`): it is imported when first needed. Parity
+(`verify_openvino`) runs the file in a fresh process that imports numpy and openvino only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from dlmodels.errors import UserError
+
+PRECISIONS = ("f32", "bf16", "int8")
+"""What `OpenVINOModel` compiles for; "int8" means "a QDQ file, everything else in f32"."""
+
+TOLERANCES = {"f32": 1e-4, "bf16": 5e-2, "int8": math.inf}
+"""Default max |OpenVINO - Keras| per precision (int8 is judged by `INT8_MIN_AGREEMENT`)."""
+
+INT8_MIN_AGREEMENT = 0.9
+"""Default smallest argmax agreement with Keras of an int8 file."""
+
+IR_XML = "model.xml"
+IR_BIN = "model.bin"
+
+_HINT = {"f32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise UserError(
+            "OpenVINO is not installed; `pip install openvino` (it is an optional dependency "
+            "of dlmodels) to convert and run OpenVINO artifacts."
+        ) from err
+    return openvino
+
+
+def check_precision(precision: str) -> str:
+    """Return `precision` if it is one of PRECISIONS, else raise a UserError listing them."""
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"precision={precision!r} is not supported; choose one of {list(PRECISIONS)} "
+            "('f32' for parity, 'bf16' on CPUs with AVX512-BF16 / AMX, 'int8' for a QDQ file)."
+        )
+    return precision
+
+
+def cpu_capabilities() -> list[str]:
+    """The CPU plugin's OPTIMIZATION_CAPABILITIES (e.g. ["BF16", "FP32", "INT8", ...])."""
+    ov = _openvino()
+    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def supports_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes in bf16 on this CPU (AVX512-BF16 or AMX)."""
+    return "BF16" in cpu_capabilities()
+
+
+def to_openvino(
+    onnx_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Convert an ONNX file to OpenVINO IR with fp32 weights, written atomically.
+
+    The directory gets `model.xml` (the graph) and `model.bin` (the weights); both appear
+    together or not at all. Graph input and output names stay those of the ONNX file (`image`,
+    `logits`). An int8 QDQ file converts too: its QuantizeLinear/DequantizeLinear pairs become
+    FakeQuantize nodes that the CPU plugin runs in int8.
+
+    Args:
+        onnx_path: an ONNX file (fp32 from `to_onnx`, or a static int8 QDQ file).
+        out_dir: destination directory.
+        overwrite: replace an existing `out_dir`; otherwise FileExistsError before any work.
+
+    Returns:
+        The path of `model.xml`.
+    """
+    from dlmodels.export._atomic import atomic_path, check_target
+
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {onnx_path}; export one with to_onnx first")
+    check_target(out_dir, overwrite=overwrite)
+    ov = _openvino()
+    converted = ov.convert_model(str(onnx_path))
+    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+        # compress_to_fp16 defaults to True in save_model; keep the fp32 weights the file had.
+        ov.save_model(converted, str(tmp / IR_XML), compress_to_fp16=False)
+    return out_dir / IR_XML
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / IR_XML
+    if not path.is_file():
+        raise FileNotFoundError(f"no OpenVINO IR or ONNX file at {path}")
+    return path
+
+
+class OpenVINOModel:
+    """An OpenVINO CPU compiled model with named inputs and outputs.
+
+    Args:
+        path: an IR directory (from `to_openvino`), a `.xml` file or an `.onnx` file.
+        precision: "f32", "bf16" or "int8" (see the module docstring).
+        threads: INFERENCE_NUM_THREADS (None: the CPUs this process may use).
+        performance_hint: "LATENCY" (one stream, default) or "THROUGHPUT".
+
+    Attributes:
+        path, precision, threads, input_names, output_names, compiled (the CompiledModel),
+        config (the properties it was compiled with).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        precision: str = "f32",
+        threads: int | None = None,
+        performance_hint: str = "LATENCY",
+    ):
+        self.path = _resolve(path)
+        self.precision = check_precision(precision)
+        if threads is not None and (
+            not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
+        ):
+            raise UserError(f"threads must be an int >= 1 (or None), got {threads!r}")
+        if performance_hint not in ("LATENCY", "THROUGHPUT"):
+            raise UserError(
+                f"performance_hint must be 'LATENCY' or 'THROUGHPUT', got {performance_hint!r}"
+            )
+        if threads is None:
+            try:
+                threads = max(len(os.sched_getaffinity(0)), 1)
+            except (AttributeError, OSError):
+                threads = max(os.cpu_count() or 1, 1)
+        self.threads = threads
+        ov = _openvino()
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property(
+            "CPU", "OPTIMIZATION_CAPABILITIES"
+        ):
+            raise UserError(
+                "precision='bf16' needs a CPU with AVX512-BF16 or AMX; OpenVINO reports "
+                f"{list(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))} here."
+            )
+        self.config = {
+            "INFERENCE_PRECISION_HINT": _HINT[precision],
+            "INFERENCE_NUM_THREADS": int(threads),
+            "PERFORMANCE_HINT": performance_hint,
+        }
+        if performance_hint == "LATENCY":
+            self.config["NUM_STREAMS"] = 1
+        self.compiled = core.compile_model(str(self.path), "CPU", self.config)
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        self._request = self.compiled.create_infer_request()
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenVINOModel({str(self.path)!r}, precision={self.precision!r}, "
+            f"inputs={self.input_names}, outputs={self.output_names})"
+        )
+
+    def runtime_precisions(self) -> dict[str, dict[str, int]]:
+        """layer type -> {runtime precision: count} of the compiled graph (e.g. how many
+        Convolutions run in u8 or bf16), from OpenVINO's runtime model."""
+        out: dict[str, dict[str, int]] = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            kind = str(info["layerType"].astype(str))
+            prec = str(info["runtimePrecision"].astype(str))
+            out.setdefault(kind, {})
+            out[kind][prec] = out[kind].get(prec, 0) + 1
+        return out
+
+    def feeds(self, inputs) -> dict[str, np.ndarray]:
+        names = self.input_names
+        if isinstance(inputs, Mapping):
+            missing = [n for n in names if n not in inputs]
+            if missing or len(inputs) != len(names):
+                raise UserError(
+                    f"{self.path.name}: inputs {sorted(inputs)}; the model's inputs are {names}"
+                )
+            arrays = [inputs[n] for n in names]
+        elif isinstance(inputs, list | tuple):
+            if len(inputs) != len(names):
+                raise UserError(
+                    f"{self.path.name}: got {len(inputs)} input arrays for inputs {names}"
+                )
+            arrays = list(inputs)
+        else:
+            if len(names) != 1:
+                raise UserError(f"{self.path.name}: the model has inputs {names}; pass a dict")
+            arrays = [inputs]
+        return {
+            n: np.ascontiguousarray(
+                a, dtype=np.float32 if np.asarray(a).dtype == np.float64 else None
+            )
+            for n, a in zip(names, arrays, strict=True)
+        }
+
+    def run(self, inputs) -> dict[str, np.ndarray]:
+        """Run once; returns output name -> array (copied out of OpenVINO's buffers)."""
+        result = self._request.infer(self.feeds(inputs))
+        return {
+            name: np.array(result[port])
+            for name, port in zip(self.output_names, self.compiled.outputs, strict=True)
+        }
+
+    def __call__(self, inputs):
+        """The single output's array, else a list of arrays in graph order (a predictor for
+        `dlmodels.bench.compare_predictors`)."""
+        out = self.run(inputs)
+        return next(iter(out.values())) if len(out) == 1 else list(out.values())
+
+
+# -- fresh-process parity ------------------------------------------------------------------
+
+
+def _worker_main(argv: list[str]) -> int:
+    """`MODEL PRECISION IN.npz OUT.npz`: run the model and save the outputs (in this process
+    only numpy and openvino are imported, never TensorFlow)."""
+    if len(argv) != 4:
+        print("usage: MODEL PRECISION IN.npz OUT.npz", file=sys.stderr)
+        return 2
+    model_path, precision, in_path, out_path = argv
+    model = OpenVINOModel(model_path, precision=precision)
+    with np.load(in_path) as data:
+        given = {k: data[k] for k in data.files}
+    positional = [f"input_{k}" for k in range(len(model.input_names))]
+    if set(given) == set(positional) and not set(given) & set(model.input_names):
+        feeds = [given[k] for k in positional]
+    else:
+        feeds = given
+    try:
+        outputs = model.run(feeds)
+    except (TypeError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return 3
+    np.savez(
+        out_path,
+        output_names=np.array(list(outputs)),
+        tensorflow_loaded=np.array("tensorflow" in sys.modules),
+        **{f"output_{i}": v for i, v in enumerate(outputs.values())},
+    )
+    return 0
+
+
+# Loads this file as a stand-alone module, so the worker never imports `dlmodels.export`
+# (whose __init__ imports TensorFlow through the exporters).
+_BOOT = (
+    "import importlib.util, sys; "
+    "spec = importlib.util.spec_from_file_location('_dlmodels_openvino_worker', sys.argv[1]); "
+    "mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; "
+    "spec.loader.exec_module(mod); "
+    "sys.exit(mod._worker_main(sys.argv[2:]))"
+)
+
+
+def openvino_predict(
+    path: str | os.PathLike, inputs, *, precision: str = "f32", fresh_process: bool = True
+) -> dict[str, np.ndarray]:
+    """Run an IR / ONNX file in OpenVINO; output name -> array.
+
+    Args:
+        path: IR directory, `.xml` or `.onnx` file.
+        inputs: one array, a list in input order, or a dict by input name.
+        precision: "f32", "bf16" or "int8".
+        fresh_process: run in a new Python process importing numpy and openvino only (what a
+            serving process sees); False runs here.
+    """
+    check_precision(precision)
+    path = _resolve(path)
+    if not fresh_process:
+        return OpenVINOModel(path, precision=precision).run(inputs)
+    outputs, names, tf_loaded = _run_worker(path, inputs, precision)
+    if tf_loaded:
+        raise RuntimeError("the OpenVINO worker imported TensorFlow; parity is not isolated")
+    return dict(zip(names, outputs, strict=True))
+
+
+def _run_worker(path: Path, inputs, precision: str):
+    from dlmodels.export.verify import worker_env
+
+    if isinstance(inputs, Mapping):
+        feeds = {str(k): np.ascontiguousarray(v) for k, v in inputs.items()}
+    else:
+        arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
+        feeds = {f"input_{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
+    feeds = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feeds.items()}
+    with tempfile.TemporaryDirectory(prefix="dlmodels-ov-") as tmp:
+        in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+        np.savez(in_path, **feeds)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _BOOT,
+                str(Path(__file__).resolve()),
+                str(path.resolve()),
+                precision,
+                in_path,
+                out_path,
+            ],
+            cwd=tmp,
+            env=worker_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"OpenVINO worker failed on {path} (exit {proc.returncode}):\n"
+                f"{proc.stderr.strip()[-3000:]}"
+            )
+        with np.load(out_path) as data:
+            names = [str(n) for n in data["output_names"]]
+            outputs = [data[f"output_{i}"] for i in range(len(names))]
+            tf_loaded = bool(data["tensorflow_loaded"])
+    return outputs, names, tf_loaded
+
+
+@dataclasses.dataclass
+class OpenVINOVerifyReport:
+    """`verify_openvino`'s result: `VerifyReport`'s fields plus the precision and the bar.
+
+    Attributes:
+        path, precision, max_abs_error, mean_abs_error, atol, min_agreement, agreement,
+        passed (finite, max |err| <= atol and agreement >= min_agreement when set), n_samples,
+        metric_keras / metric_openvino (when `metric` and `labels` were given).
+    """
+
+    path: str
+    precision: str
+    max_abs_error: float
+    mean_abs_error: float
+    atol: float
+    passed: bool
+    n_samples: int
+    agreement: float | None = None
+    min_agreement: float | None = None
+    metric_keras: float | None = None
+    metric_openvino: float | None = None
+
+    def __str__(self) -> str:
+        text = (
+            f"{'PASS' if self.passed else 'FAIL'} {self.path} [{self.precision}]: max |err| "
+            f"{self.max_abs_error:.3e}, mean |err| {self.mean_abs_error:.3e}, atol {self.atol:g}"
+        )
+        if self.agreement is not None:
+            text += f", argmax agreement {self.agreement:.4f}"
+        if self.metric_keras is not None:
+            text += f", metric keras {self.metric_keras:.4f} / openvino {self.metric_openvino:.4f}"
+        return text
+
+
+def verify_openvino(
+    model,
+    path: str | os.PathLike,
+    inputs,
+    *,
+    precision: str = "f32",
+    atol: float | None = None,
+    min_agreement: float | None = None,
+    labels=None,
+    metric: Callable | None = None,
+    expected: Mapping[str, np.ndarray] | None = None,
+    raise_on_fail: bool = False,
+) -> OpenVINOVerifyReport:
+    """Compare an OpenVINO IR / ONNX file, run in a fresh OpenVINO process, with Keras.
+
+    Args:
+        model: the Keras model the file came from.
+        path: IR directory, `.xml` or `.onnx` file.
+        inputs: samples: one array, a list in input order, or a dict by input name.
+        precision: "f32", "bf16" or "int8".
+        atol: largest tolerated |OpenVINO - Keras|; None: `TOLERANCES[precision]`.
+        min_agreement: smallest tolerated argmax agreement (outputs with > 1 channel); None:
+            `INT8_MIN_AGREEMENT` for int8, unchecked otherwise.
+        labels / metric: `metric(labels, outputs) -> float` on Keras and OpenVINO outputs.
+        expected: Keras outputs already computed ({output name: array}).
+        raise_on_fail: raise `VerificationError` instead of returning a failed report.
+    """
+    from dlmodels.export.verify import (
+        VerificationError,
+        _n_samples,
+        compare_outputs,
+        keras_outputs,
+    )
+
+    check_precision(precision)
+    atol = TOLERANCES[precision] if atol is None else float(atol)
+    if min_agreement is None and precision == "int8":
+        min_agreement = INT8_MIN_AGREEMENT
+    expected = dict(expected) if expected is not None else keras_outputs(model, inputs)
+    got = openvino_predict(path, inputs, precision=precision, fresh_process=True)
+    max_err, mean_err, agreement, finite = compare_outputs(
+        expected, got, where=f"{path} [{precision}]"
+    )
+    passed = bool(finite and max_err <= atol)
+    if min_agreement is not None and agreement is not None:
+        passed = passed and agreement >= min_agreement
+    report = OpenVINOVerifyReport(
+        path=str(path),
+        precision=precision,
+        max_abs_error=max_err,
+        mean_abs_error=mean_err,
+        atol=atol,
+        passed=passed,
+        n_samples=_n_samples(inputs),
+        agreement=agreement,
+        min_agreement=min_agreement,
+    )
+    if metric is not None and labels is not None:
+        names = list(expected)
+
+        def pack(d):
+            values = [d[k] for k in names]
+            return values[0] if len(values) == 1 else values
+
+        report.metric_keras = float(metric(labels, pack(expected)))
+        report.metric_openvino = float(metric(labels, pack(got)))
+    if raise_on_fail and not report.passed:
+        raise VerificationError(str(report))
+    return report

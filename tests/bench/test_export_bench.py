@@ -1,0 +1,130 @@
+"""The export benchmark: every runtime x batch row present, GOP/s and peaks consistent."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+from dlmodels.bench import export as bench
+
+TINY = {"input_shape": (32, 32, 3), "depth": 2, "base_filters": 4, "num_classes": 3}
+
+
+def test_every_row_present_and_consistent(tmp_path):
+    out = tmp_path / "export_unet.json"
+    payload = bench.run(
+        "unet",
+        output=out,
+        batches=(1, 2),
+        iters=2,
+        iters_large=2,
+        warmup=1,
+        rounds=1,
+        threads=1,
+        model_kwargs=TINY,
+        calibration_samples=4,
+        peak_size=64,
+        peak_iters=2,
+        verbose=False,
+    )
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(payload["rows"]))
+    rows = {(r["runtime"], r["batch"]): r for r in payload["rows"]}
+    keys = [k for k, _, _ in bench.RUNTIMES]
+    assert set(rows) == {(k, b) for k in keys for b in (1, 2)}
+    from dlmodels.export import openvino as ovx
+
+    bf16 = ovx.supports_bf16()
+    # macs_per_image is dlmodels.bench.flops.count_macs (checked by hand in test_flops.py).
+    assert payload["macs_per_image"] > 0
+    macs = payload["macs_per_image"]
+    for (key, batch), r in rows.items():
+        if key == "openvino_bf16" and not bf16:
+            assert "skipped" in r
+            continue
+        assert 0 < r["p50_ms"] <= r["p90_ms"] and r["iters"] == 2
+        assert r["gops"] == pytest.approx(2 * macs * batch / (r["p50_ms"] * 1e6))
+        assert r["fraction_of_peak"] == pytest.approx(r["gops"] / r["peak_gops"])
+        assert r["peak_gops"] == payload["peaks"][r["peak"]]["gops"]
+        assert r["images_per_s"] == pytest.approx(batch * 1e3 / r["p50_ms"])
+        base = rows[("ort_fp32", batch)]["p50_ms"]
+        assert r["speedup_vs_ort_fp32"] == pytest.approx(base / r["p50_ms"])
+    # Peaks: same precision, same runtime family; 2 n^3 operations over the median.
+    p = payload["peaks"]["ort_fp32"]
+    assert p["gops"] == pytest.approx(2 * 64**3 / (p["best_ms"] * 1e6))
+    assert p["gops"] >= p["gops_median"] and p["best_ms"] <= p["p50_ms"]
+    assert rows[("ort_int8", 1)]["peak"] == "ort_int8"
+    assert rows[("tf", 1)]["peak"] in ("ort_fp32", "openvino_fp32")
+    # Each row ran its own artifact: fp32 runtimes agree with Keras, reduced precisions less.
+    for b in (1, 2):
+        assert rows[("tf", b)]["max_abs_error_vs_keras"] < 1e-5
+        assert rows[("ort_fp32", b)]["max_abs_error_vs_keras"] < 1e-4
+        assert rows[("openvino_fp32", b)]["max_abs_error_vs_keras"] < 1e-4
+        assert rows[("ort_fp16", b)]["max_abs_error_vs_keras"] < 1e-1
+        assert rows[("ort_int8", b)]["argmax_agreement"] >= 0.5
+    sizes = {r["runtime"]: r["size_bytes"] for r in payload["rows"] if r["batch"] == 1}
+    assert sizes["ort_fp16"] < 0.75 * sizes["ort_fp32"]
+    assert sizes["ort_int8"] == sizes["openvino_int8"]  # one QDQ file, two runtimes
+    assert len(payload["load_average_before"]) == 3 and len(payload["load_average_after"]) == 3
+    assert payload["threads"]["runtimes"] == 1
+    assert np.isfinite(payload["params"])
+
+
+def test_peak_graphs_compute_a_matmul(tmp_path):
+    """The peak graphs compute x @ W: checked against numpy, so the GOP/s count real work."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    for kind in ("fp32", "int8"):
+        path = tmp_path / f"{kind}.onnx"
+        bench._matmul_onnx(path, 16, kind)
+        w = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+        rng = np.random.default_rng(0)
+        if kind == "int8":
+            x = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+            want = x.astype(np.int64) @ w.astype(np.int64)
+        else:
+            x = rng.standard_normal((16, 16)).astype(np.float32)
+            want = x @ w
+        (got,) = ort.InferenceSession(str(path)).run(None, {"x": x})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="choose one of"):
+        bench.build_model("vgg16")
+    with pytest.raises(ValueError, match="iters must be an int >= 1"):
+        bench.run("unet", output=None, iters=0, verbose=False)
+    with pytest.raises(ValueError, match="batches must be ints"):
+        bench.run("unet", output=None, batches=(), verbose=False)
+
+
+def test_accuracy_side_reports_every_runtime(tmp_path):
+    out = tmp_path / "acc.json"
+    payload = bench.accuracy(
+        output=out,
+        training={
+            "image_size": (32, 32),
+            "epochs": 1,
+            "train_samples": 32,
+            "model_kwargs": {"depth": 2, "base_filters": 4, "upsampling": "bilinear"},
+        },
+        test_samples=8,
+        calibration_samples=8,
+        threads=1,
+        verbose=False,
+    )
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(payload["rows"]))
+    rows = {r["runtime"]: r for r in payload["rows"]}
+    assert list(rows) == [k for k, _, _ in bench.RUNTIMES]
+    keras_miou = payload["keras_miou"]
+    assert 0.0 <= keras_miou <= 1.0
+    assert rows["tf"]["miou"] == keras_miou and rows["tf"]["max_abs_error_vs_keras"] < 1e-5
+    for key in ("ort_fp32", "openvino_fp32"):
+        assert rows[key]["max_abs_error_vs_keras"] < 1e-4
+        assert rows[key]["miou"] == pytest.approx(keras_miou, abs=1e-3)
+    for r in rows.values():
+        if "skipped" not in r:
+            assert r["miou_drop_points"] == pytest.approx(100 * (keras_miou - r["miou"]))
