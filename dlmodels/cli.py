@@ -1001,6 +1001,19 @@ def bench_cmd(
         _console().print_json(json.dumps(payload["results"], default=str))
 
 
+@app.command(
+    "launch",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def launch_cmd(ctx: typer.Context):
+    """Run a training command on N local workers (generated TF_CONFIG), or write a Kubeflow
+    TFJob: `dlmodels launch -n 2 -- python train.py`; `dlmodels launch --help` for the rest."""
+    from dlmodels.training.launch import main as launch_main
+
+    raise typer.Exit(launch_main(list(ctx.args)))
+
+
 def main(argv: list[str] | None = None):
     """console_scripts entry point (`dlmodels`)."""
     app(args=argv, prog_name="dlmodels")

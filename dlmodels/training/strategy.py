@@ -11,24 +11,98 @@ import glob
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import tensorflow as tf
 
 from dlmodels._validation import check_choice
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+COMMUNICATIONS = ("auto", "ring", "nccl")
+
+
+def parse_tf_config(tf_config: str | None = None) -> dict:
+    """`TF_CONFIG` (the environment's, or the given JSON) checked field by field.
+
+    Returns {} when unset or empty. Raises a ValueError naming the bad field: not JSON,
+    "cluster" missing or not a mapping of job name -> list of "host:port", a task type that
+    is not a job of the cluster, a task index out of range.
+    """
+    raw = os.environ.get("TF_CONFIG", "") if tf_config is None else tf_config
+    if not raw.strip():
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({err}): {raw!r}") from err
+    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
+        raise ValueError(
+            f"TF_CONFIG: field 'cluster' must be an object mapping job names to lists of "
+            f'"host:port", e.g. {{"cluster": {{"worker": ["10.0.0.1:2222"]}}, "task": '
+            f'{{"type": "worker", "index": 0}}}}; got {raw!r}.'
+        )
+    for job, addresses in config["cluster"].items():
+        ok = isinstance(addresses, list) and all(
+            isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses
+        )
+        if not ok:
+            raise ValueError(
+                f"TF_CONFIG: field 'cluster.{job}' must be a list of \"host:port\" strings, got "
+                f"{addresses!r}."
+            )
+    task = config.get("task")
+    if task is not None and not isinstance(task, dict):
+        raise ValueError(f"TF_CONFIG: field 'task' must be an object, got {task!r}.")
+    if task:
+        jobs = [j for j in config["cluster"] if j != "evaluator"]
+        task_type = task.get("type")
+        if task_type != "evaluator" and task_type not in jobs:
+            raise ValueError(
+                f"TF_CONFIG: field 'task.type'={task_type!r} is not a job of the cluster "
+                f"({', '.join(repr(j) for j in config['cluster'])})."
+            )
+        index = task.get("index", 0)
+        size = len(config["cluster"].get(task_type, []))
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < max(size, 1):
+            raise ValueError(
+                f"TF_CONFIG: field 'task.index'={index!r} must be an int in [0, {size}) for job "
+                f"{task_type!r}."
+            )
+    return config
 
 
 def num_workers_from_tf_config(tf_config: str | None = None) -> int:
     """Number of chief + worker tasks in `TF_CONFIG` (0 when unset or empty)."""
-    raw = os.environ.get("TF_CONFIG", "") if tf_config is None else tf_config
-    if not raw.strip():
-        return 0
-    try:
-        cluster = json.loads(raw).get("cluster", {})
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster' key: {raw!r}") from err
+    cluster = parse_tf_config(tf_config).get("cluster", {})
     return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def _multi_worker_strategy(options, connect_timeout):
+    """`MultiWorkerMirroredStrategy`, with a watchdog on its start.
+
+    Its constructor waits, without any timeout, until every task of the cluster has joined;
+    a peer that never comes (a wrong address, a worker that crashed on start) hangs it inside
+    TensorFlow, in C++ that holds the GIL, and TensorFlow catches SIGTERM. With
+    `connect_timeout` a small watchdog process (standard library only) waits for the
+    constructor to return; past the timeout it prints the peers that are not listening and
+    SIGKILLs this process, so a launcher sees a failure with a reason instead of a hang.
+    """
+    if connect_timeout is None:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    read_fd, write_fd = os.pipe()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_connect_watchdog.py")
+    watchdog = subprocess.Popen(
+        [sys.executable, script, str(os.getpid()), str(connect_timeout), str(read_fd)],
+        pass_fds=(read_fd,),
+    )
+    os.close(read_fd)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    finally:
+        os.write(write_fd, b"1")
+        os.close(write_fd)
+        watchdog.wait()
 
 
 _COLLECTIVE_KEY_BASES = itertools.count(1)
@@ -49,15 +123,41 @@ class _MirroredStrategy(tf.distribute.MirroredStrategy):
         super().__init__(devices, cross_device_ops)
 
 
-def _communication_options(timeout):
-    if timeout is None:
-        return tf.distribute.experimental.CommunicationOptions()
-    if not isinstance(timeout, int | float) or timeout <= 0:
+def _check_seconds(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(
-            f"resolve_strategy: `communication_timeout`={timeout!r} must be a positive number of "
-            "seconds (e.g. 60) or None."
+            f"resolve_strategy: `{name}`={value!r} must be a positive number of seconds (e.g. "
+            "60) or None."
         )
-    return tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(timeout))
+    return float(value)
+
+
+def _communication_options(timeout, communication="auto"):
+    check_choice("communication", communication, COMMUNICATIONS, owner="resolve_strategy")
+    implementation = {
+        "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+        "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+        "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    }[communication]
+    timeout = _check_seconds("communication_timeout", timeout)
+    return tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=timeout, implementation=implementation
+    )
+
+
+def tpu_available() -> bool:
+    """Local evidence of a TPU: TPU devices, a TPU VM's accelerator files or environment, or a
+    remote TPU named by `TPU_NAME` / `COLAB_TPU_ADDR`. Never probes the network."""
+    return bool(
+        glob.glob("/dev/accel*")
+        or glob.glob("/dev/vfio/[0-9]*")
+        or os.environ.get("TPU_ACCELERATOR_TYPE")
+        or os.environ.get("TPU_NAME")
+        or os.environ.get("COLAB_TPU_ADDR")
+        or tf.config.list_physical_devices("TPU")
+    )
 
 
 def _tpu_strategy(tpu):
@@ -98,14 +198,17 @@ def resolve_strategy(
     devices=None,
     tpu: str | None = None,
     communication_timeout: float | None = None,
+    communication: str = "auto",
+    connect_timeout: float | None = None,
 ) -> tf.distribute.Strategy:
     """Return a strategy by name.
 
     Args:
         name: one of
-            - "auto": `TF_CONFIG` with more than one worker -> `MultiWorkerMirroredStrategy`;
-              else more than one GPU -> `MirroredStrategy`; one GPU -> `OneDeviceStrategy`
-              on it; else the default (no-op) strategy.
+            - "auto": a TPU (`tpu_available()`: TPU devices, a TPU VM, `TPU_NAME`) ->
+              `TPUStrategy`; else `TF_CONFIG` with more than one worker ->
+              `MultiWorkerMirroredStrategy`; else more than one GPU -> `MirroredStrategy`; one
+              GPU -> `OneDeviceStrategy` on it; else the default (no-op) strategy.
             - "default": `tf.distribute.get_strategy()` outside any scope.
             - "one_device": `OneDeviceStrategy(devices[0])`, default the first GPU or the CPU.
             - "mirrored": `MirroredStrategy(devices)` (all GPUs, or the CPU, when None). Several
@@ -116,9 +219,15 @@ def resolve_strategy(
         tpu: TPU name or `grpc://` address for "tpu" (None: local TPU VM or `TPU_NAME`).
         communication_timeout: seconds before a multi-worker collective fails instead of
             hanging on a dead peer ("multi_worker" and "auto").
+        communication: the multi-worker all-reduce: "auto", "ring" (gRPC, CPUs) or "nccl"
+            (GPUs).
+        connect_timeout: seconds the workers may take to all join the cluster ("multi_worker"
+            and "auto"); past it a watchdog prints which peers are unreachable and kills this
+            process (TensorFlow otherwise waits forever). Default: `communication_timeout`.
 
     Raises:
-        ValueError: unknown name, arguments that do not apply, or no TPU for "tpu".
+        ValueError: unknown name, arguments that do not apply, a malformed `TF_CONFIG` (the
+            message names the field), or no TPU for "tpu".
     """
     check_choice("name", name, STRATEGIES, owner="resolve_strategy")
     if devices is not None:
@@ -138,8 +247,16 @@ def resolve_strategy(
     # which MultiWorkerMirroredStrategy can no longer configure its collectives.
     gpus = tf.config.list_physical_devices("GPU")
 
+    connect_timeout = _check_seconds("connect_timeout", connect_timeout)
+    options = _communication_options(communication_timeout, communication)
+    if connect_timeout is None and communication_timeout is not None:
+        connect_timeout = float(communication_timeout)
+    workers = num_workers_from_tf_config()  # validates TF_CONFIG whatever the name
+
     if name == "auto":
-        if num_workers_from_tf_config() > 1:
+        if tpu_available():
+            name = "tpu"
+        elif workers > 1:
             name = "multi_worker"
         elif len(gpus) > 1:
             name = "mirrored"
@@ -160,9 +277,7 @@ def resolve_strategy(
     if name == "mirrored":
         return _MirroredStrategy(devices)
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=_communication_options(communication_timeout)
-        )
+        return _multi_worker_strategy(options, connect_timeout)
     return _tpu_strategy(tpu)
 
 

@@ -20,16 +20,20 @@ The model(s) (and any given optimizer) must be created under `strategy.scope()` 
 from __future__ import annotations
 
 import contextlib
+import csv
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 
+import keras
 import tensorflow as tf
 
-from dlmodels._validation import check_positive_int
+from dlmodels._validation import check_choice, check_positive_int
 from dlmodels.training.context import StepContext
+from dlmodels.training.ema import ExponentialMovingAverage, check_decay
 from dlmodels.training.replicas import (
     fold_seeds_per_replica,
     seed_state_variables,
@@ -37,6 +41,17 @@ from dlmodels.training.replicas import (
 )
 from dlmodels.training.strategy import is_chief
 from dlmodels.training.tasks import SupervisedTask, Task
+
+AUTO_SHARD_POLICIES = {
+    "data": tf.data.experimental.AutoShardPolicy.DATA,
+    "file": tf.data.experimental.AutoShardPolicy.FILE,
+    "auto": tf.data.experimental.AutoShardPolicy.AUTO,
+    "off": tf.data.experimental.AutoShardPolicy.OFF,
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training logs became NaN or infinite; the run stopped before saving those weights."""
 
 
 class Trainer:
@@ -80,8 +95,36 @@ class Trainer:
             BatchNormalization of the task's models with `synchronized=True` while stepping,
             so batch moments are those of the global batch and moving statistics are equal on
             all replicas (Keras 3 keeps them per replica otherwise).
-        progress: show a progress bar on a terminal (one line per epoch otherwise).
+        progress: show a progress bar on a terminal (one line per epoch otherwise), on the
+            chief only.
         progress_every: the bar reads the loss from the device every this many steps.
+        clip_global_norm: clip the gradients of each optimizer to this global norm, computed
+            on the gradients summed over all replicas (as one device would; see
+            `StepContext.minimize`). None: no clipping beyond the optimizer's own.
+        ema_decay: keep an exponential moving average of the trainable weights with this decay
+            (the mean teacher, Tarvainen & Valpola 2017; see `ExponentialMovingAverage`):
+            `evaluate` and validation use the averages, `ema.swapped()` /
+            `ema.assign_to_variables()` put them in the models for export. None: no average.
+        steps_per_execution: training steps per `tf.function` call (one host round trip per
+            this many steps; a loop over `tf.range` inside the function, which every strategy
+            runs). Needs a known number of steps per epoch (`steps_per_epoch` or a dataset of
+            known cardinality), else one step per call. Checkpoints still land on their steps.
+        log_dir: on the chief only, append each epoch's logs to `log_dir/history.csv` and
+            write them as TensorBoard scalars to `log_dir/tensorboard`.
+        stop_on_nan: raise `NonFiniteLossError` when a step's logs are NaN or infinite, before
+            any checkpoint of those weights is written (checked at every save and epoch end,
+            so it costs no per-step host reads); the last good checkpoint stays the latest.
+            Under loss scaling (`mixed_float16`) a non-finite step is skipped instead, and
+            this only stops on non-finite *logs* when the skipped steps still report them.
+        preemption: with `checkpoint_dir`, watch for preemption signals (SIGTERM, or the cloud
+            provider's maintenance notice) with
+            `tf.distribute.experimental.PreemptionCheckpointHandler`: all workers agree on a
+            step, save a checkpoint there (numbered by step, through the Trainer's manager)
+            and exit (status 42 off Google Cloud), so a restarted job resumes at that step.
+        auto_shard: the `tf.data` auto-shard policy for multi-worker input: "data" (default:
+            every worker reads the whole dataset and keeps its rows of each global batch,
+            which reproduces one device's batches exactly), "file" (each worker reads its own
+            files: cheaper I/O, different batches), "auto" or "off".
 
     Raises:
         ValueError: bad arguments, models or optimizers not created under `strategy`.
@@ -104,6 +147,13 @@ class Trainer:
         sync_batch_norm="auto",
         progress=True,
         progress_every=10,
+        clip_global_norm=None,
+        ema_decay=None,
+        steps_per_execution=1,
+        log_dir=None,
+        stop_on_nan=True,
+        preemption=False,
+        auto_shard="data",
     ):
         if isinstance(model, Task):
             given = {
@@ -144,10 +194,31 @@ class Trainer:
             sync_batch_norm = self.strategy.num_replicas_in_sync > 1
         self.sync_batch_norm = bool(sync_batch_norm)
         self.task.build(self.strategy)
+        self.steps_per_execution = check_positive_int(
+            "steps_per_execution", steps_per_execution, owner="Trainer"
+        )
+        self.auto_shard = check_choice(
+            "auto_shard", auto_shard, tuple(AUTO_SHARD_POLICIES), owner="Trainer"
+        )
+        self.stop_on_nan = bool(stop_on_nan)
+        self.preemption = bool(preemption)
+        self._preemption_handler = None
+        if self.preemption and checkpoint_dir is None:
+            raise ValueError(
+                "Trainer: `preemption`=True needs a `checkpoint_dir` to save the preempted step to."
+            )
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self._summary_writer = None
+        self.clip_global_norm = self._set_clipping(clip_global_norm)
         with self.strategy.scope():
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.epoch_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_step")
+        self.ema = None
+        if ema_decay is not None:
+            check_decay(ema_decay, owner="Trainer")
+            variables = [v for m in self.models for v in m.trainable_variables]
+            self.ema = ExponentialMovingAverage(variables, ema_decay, strategy=self.strategy)
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.checkpoint_every = (
             None
@@ -161,7 +232,9 @@ class Trainer:
         self._restored = None
         self._seeds_folded = False
         self._train_fn = None
+        self._multi_fn = None
         self._eval_fn = None
+        self._finite_weights_fn = None
         if self.checkpoint_dir is not None:
             # Keras' SeedGenerator is not trackable: its state (dropout / stochastic depth
             # stream) is unreachable from the model, so it is listed here, in layer order, for
@@ -172,6 +245,7 @@ class Trainer:
             self.checkpoint = tf.train.Checkpoint(
                 **self.task.checkpoint_items(),
                 seed_states={k: v for k, v in seeds.items() if v},
+                **({"ema": self.ema} if self.ema is not None else {}),
                 step=self.step,
                 epoch=self.epoch,
                 epoch_step=self.epoch_step,
@@ -196,6 +270,86 @@ class Trainer:
     @property
     def metrics(self) -> list:
         return self.task.metrics
+
+    def _set_clipping(self, clip):
+        if clip is None:
+            return None
+        ok = isinstance(clip, int | float) and not isinstance(clip, bool) and math.isfinite(clip)
+        if not ok or clip <= 0:
+            raise ValueError(
+                f"Trainer: `clip_global_norm`={clip!r} must be a positive number (e.g. 1.0) or "
+                "None."
+            )
+        for name, optimizer in self.task.optimizers.items():
+            inner = getattr(optimizer, "inner_optimizer", optimizer)
+            if any(getattr(inner, a, None) for a in ("clipnorm", "clipvalue", "global_clipnorm")):
+                raise ValueError(
+                    f"Trainer: `clip_global_norm`={clip!r} but the {name} already clips "
+                    "(clipnorm / clipvalue / global_clipnorm). Keep one of the two."
+                )
+            # StepContext.minimize reads this at trace time and clips the all-reduced sum.
+            inner.global_clipnorm = float(clip)
+        return float(clip)
+
+    @property
+    def _loss_scaled(self):
+        return any(
+            isinstance(o, keras.optimizers.LossScaleOptimizer)
+            for o in self.task.optimizers.values()
+        )
+
+    def _check_finite(self, sums, step):
+        """Raise before saving when the logs summed so far or the weights hold a NaN / inf.
+
+        The weights are checked too: a NaN input can leave the loss finite (ReLU maps NaN
+        to 0 on CPU) while the gradients, and so the weights, are NaN."""
+        if not self.stop_on_nan or self._loss_scaled:
+            return
+        bad = {k: float(v) for k, v in sums.items() if not math.isfinite(float(v))}
+        if self._finite_weights_fn is None:
+            variables = [v for m in self.models for v in m.trainable_variables]
+
+            @tf.function
+            def finite_weights():
+                checks = [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
+                return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+            self._finite_weights_fn = finite_weights
+        if not bad and bool(self._finite_weights_fn()):
+            return
+        last = None
+        if self.checkpoint_dir is not None:
+            last = tf.train.latest_checkpoint(self.checkpoint_dir)
+        kept = f"; the last good checkpoint {last!r} is intact" if last else ""
+        what = f"non-finite training logs {bad}" if bad else "non-finite weights"
+        raise NonFiniteLossError(
+            f"Trainer.fit: {what} at or before step {step} (a NaN or inf loss or gradient: a "
+            "too large learning rate, bad inputs or a numerically unstable loss). Training "
+            f"stopped without saving these weights{kept}. Lower the learning rate, set "
+            "clip_global_norm, or check the data."
+        )
+
+    def _watch_preemption(self):
+        if not self.preemption or self._preemption_handler is not None:
+            return
+        self._preemption_handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            getattr(self.strategy, "cluster_resolver", None), self._manager
+        )
+
+    def _distribute(self, ds):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = AUTO_SHARD_POLICIES[self.auto_shard]
+        ds = ds.with_options(options)
+        if isinstance(self.strategy, tf.distribute.TPUStrategy):
+            batch_dims = {
+                s.shape[0] if s.shape.rank else None for s in tf.nest.flatten(ds.element_spec)
+            }
+            if None in batch_dims:
+                raise ValueError(
+                    "Trainer: a TPU needs static shapes, but the dataset's batch dimension is "
+                    f"unknown ({ds.element_spec}). Batch with `drop_remainder=True`."
+                )
+        return self.strategy.experimental_distribute_dataset(ds)
 
     def _make_manager(self):
         directory = self.checkpoint_dir
@@ -245,18 +399,33 @@ class Trainer:
         def replica_fn(batch):
             return task.train_step(batch, StepContext(strategy, batch))
 
-        @tf.function(reduce_retracing=True)
-        def train_fn(batch):
+        def one_step(batch):
             per_replica = strategy.run(replica_fn, args=(batch,))
             logs = {
                 k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for k, v in per_replica.items()
             }
+            if self.ema is not None:
+                self.ema.update()
             self.step.assign_add(1)
             self.epoch_step.assign_add(1)
             return logs
 
-        return train_fn
+        return tf.function(one_step, reduce_retracing=True)
+
+    def _build_multi_fn(self):
+        """`fn(iterator, n)`: n steps in one call; returns the logs summed over them."""
+        one_step = self._build_train_fn().python_function
+
+        @tf.function(reduce_retracing=True)
+        def multi_fn(iterator, n):
+            logs = one_step(next(iterator))
+            for _ in tf.range(n - 1):
+                more = one_step(next(iterator))
+                logs = {k: logs[k] + more[k] for k in logs}
+            return logs
+
+        return multi_fn
 
     def _build_eval_fn(self):
         strategy, task = self.strategy, self.task
@@ -320,16 +489,20 @@ class Trainer:
                 "steps_per_epoch", steps_per_epoch, owner="Trainer.fit"
             )
         start_epoch = self.restore()
+        self._watch_preemption()
         self._prepare_replicas()
         if self._train_fn is None:
             self._train_fn = self._build_train_fn()
         step = int(self.step.numpy())
         done_in_epoch = int(self.epoch_step.numpy())
-        distribute = self.strategy.experimental_distribute_dataset
         persistent = None
         if steps_per_epoch is not None:
-            persistent = iter(distribute(train_ds.skip(step) if step else train_ds))
+            persistent = iter(self._distribute(train_ds.skip(step) if step else train_ds))
         total_steps = steps_per_epoch or self._cardinality(train_ds)
+        # Several steps per call need to know where the epoch ends (no end-of-data inside).
+        chunked = self.steps_per_execution > 1 and total_steps is not None
+        if chunked and self._multi_fn is None:
+            self._multi_fn = self._build_multi_fn()
         history: dict[str, list] = {}
         for epoch in range(start_epoch, epochs):
             begin = time.perf_counter()
@@ -338,37 +511,68 @@ class Trainer:
                 iterator = persistent
             else:
                 remaining = train_ds.skip(done_in_epoch) if done_in_epoch else train_ds
-                iterator = iter(distribute(remaining))
+                iterator = iter(self._distribute(remaining))
             sums, steps, pending_save = {}, 0, False
             with self._progress(
                 f"epoch {epoch + 1}/{epochs}", total_steps, done_in_epoch
             ) as advance:
                 while steps_per_epoch is None or done_in_epoch + steps < steps_per_epoch:
-                    batch = next(iterator, None)
-                    if batch is None:
-                        if steps_per_epoch is not None:
+                    if chunked:
+                        left = total_steps - done_in_epoch - steps
+                        if left <= 0:
+                            break
+                        count = min(self.steps_per_execution, left)
+                        if self._manager is not None and self.checkpoint_every:
+                            count = min(count, self.checkpoint_every - step % self.checkpoint_every)
+                        if pending_save:
+                            self._check_finite(sums, step)
+                            self._save(step)
+                            pending_save = False
+                        try:
+                            with self._stepping():
+                                logs = self._multi_fn(iterator, tf.constant(count, tf.int32))
+                        except tf.errors.OutOfRangeError as err:
                             raise ValueError(
-                                f"Trainer.fit: train_ds ran out after {done_in_epoch + steps} of "
-                                f"steps_per_epoch={steps_per_epoch} batches. Use a repeated "
+                                f"Trainer.fit: train_ds ran out before step {step + count} "
+                                f"({total_steps} batches per epoch expected). Use a repeated "
                                 "dataset or fewer steps_per_epoch."
-                            )
-                        break
-                    if pending_save:
-                        # Saved once the next batch exists: a checkpoint taken at the end of
-                        # an epoch is the epoch-end one, which records the finished epoch.
-                        self._save(step)
-                        pending_save = False
-                    with self._stepping():
-                        logs = self._train_fn(batch)
+                            ) from err
+                    else:
+                        batch = next(iterator, None)
+                        if batch is None:
+                            if steps_per_epoch is not None:
+                                raise ValueError(
+                                    f"Trainer.fit: train_ds ran out after "
+                                    f"{done_in_epoch + steps} of steps_per_epoch="
+                                    f"{steps_per_epoch} batches. Use a repeated dataset or "
+                                    "fewer steps_per_epoch."
+                                )
+                            break
+                        if pending_save:
+                            # Saved once the next batch exists: a checkpoint taken at the end
+                            # of an epoch is the epoch-end one, which records the finished
+                            # epoch.
+                            self._check_finite(sums, step)
+                            self._save(step)
+                            pending_save = False
+                        count = 1
+                        with self._stepping():
+                            logs = self._train_fn(batch)
                     # Summed on the device: no host synchronisation per step.
                     sums = {k: sums[k] + v if k in sums else v for k, v in logs.items()}
-                    steps += 1
-                    step += 1
-                    advance(logs, steps)
+                    steps += count
+                    step += count
+                    advance(logs, steps, count)
                     if self._manager is not None and self.checkpoint_every:
                         pending_save = step % self.checkpoint_every == 0
+                    if self._preemption_handler is not None:
+                        # Saves (all workers agreeing on the step) and exits when preempted.
+                        self._preemption_handler.save_checkpoint_if_preempted(
+                            checkpoint_number=step
+                        )
             if steps == 0 and done_in_epoch == 0:
                 raise ValueError("Trainer.fit: train_ds yielded no batches.")
+            self._check_finite(sums, step)
             logs = {"epoch": epoch + 1}
             logs.update({k: float(v) / max(steps, 1) for k, v in sums.items()})
             logs.update(self.task.metric_logs())
@@ -384,6 +588,7 @@ class Trainer:
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
             self._print_logs(logs)
+            self._write_logs(logs)
             for callback in callbacks or ():
                 if hasattr(callback, "on_epoch_end"):
                     callback.on_epoch_end(epoch, logs)
@@ -391,16 +596,20 @@ class Trainer:
                     callback(epoch, logs)
         return history
 
-    def evaluate(self, ds, steps=None) -> dict:
+    def evaluate(self, ds, steps=None, *, use_ema=True) -> dict:
         """Means of the task's evaluation logs over `ds` (or its first `steps` batches), each
-        batch weighted by its size, and the metrics."""
+        batch weighted by its size, and the metrics. With `ema_decay`, the moving averages of
+        the weights are evaluated (`use_ema=False`: the raw weights)."""
+        if self.ema is not None and use_ema:
+            with self.ema.swapped():
+                return self.evaluate(ds, steps, use_ema=False)
         if steps is not None:
             steps = check_positive_int("steps", steps, owner="Trainer.evaluate")
         if self._eval_fn is None:
             self._eval_fn = self._build_eval_fn()
         self.task.reset_metrics()
         sums, count = {}, None
-        for done, batch in enumerate(self.strategy.experimental_distribute_dataset(ds)):
+        for done, batch in enumerate(self._distribute(ds)):
             if steps is not None and done >= steps:
                 break
             with self._stepping():
@@ -426,7 +635,7 @@ class Trainer:
 
     def _progress(self, description, total, completed=0):
         if not (self._show() and sys.stdout.isatty()):
-            return contextlib.nullcontext(lambda logs, steps: None)
+            return contextlib.nullcontext(lambda logs, steps, count=1: None)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         every = self.progress_every
@@ -442,17 +651,56 @@ class Trainer:
             ) as progress:
                 task = progress.add_task(description, total=total, completed=completed, shown="")
 
-                def advance(logs, steps):
-                    if steps % every == 1 or every == 1:
+                def advance(logs, steps, count=1):
+                    if (steps - 1) // every != (steps - count - 1) // every or every == 1:
                         # Reading a value waits for the device: only every `every` steps.
-                        shown = ", ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
-                        progress.update(task, advance=1, shown=shown)
+                        shown = ", ".join(f"{k} {float(v) / count:.4f}" for k, v in logs.items())
+                        progress.update(task, advance=count, shown=shown)
                     else:
-                        progress.update(task, advance=1)
+                        progress.update(task, advance=count)
 
                 yield advance
 
         return bar()
+
+    def _write_logs(self, logs):
+        """Append the epoch's logs to `log_dir/history.csv` and TensorBoard, on the chief."""
+        if self.log_dir is None or not is_chief(self.strategy):
+            return
+        os.makedirs(self.log_dir, exist_ok=True)
+        path = os.path.join(self.log_dir, "history.csv")
+        fields = list(logs)
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path, newline="", encoding="utf-8") as f:
+                fields = next(csv.reader(f))
+            header = False
+        else:
+            header = True
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if header:
+                writer.writeheader()
+            writer.writerow(logs)
+        if self._summary_writer is None:
+            self._summary_writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, "tensorboard")
+            )
+        # `tf.summary.scalar` lives in the tensorboard package; the core op with the scalars
+        # plugin's metadata writes the same event without that dependency.
+        from tensorflow.core.framework import summary_pb2
+
+        metadata = summary_pb2.SummaryMetadata()
+        metadata.plugin_data.plugin_name = "scalars"
+        with self._summary_writer.as_default():
+            for key, value in logs.items():
+                if key != "epoch":
+                    tf.summary.write(
+                        key,
+                        tf.constant(float(value), tf.float32),
+                        step=int(logs["epoch"]),
+                        metadata=metadata,
+                    )
+        self._summary_writer.flush()
 
     def _print_logs(self, logs):
         if not self._show():
