@@ -98,6 +98,11 @@ def check_labels(labels, num_classes, ignore_index=None, owner="labels"):
     check costs a few reductions, no host sync in graphs). XLA (`jit_compile=True`) ignores
     `Assert` ops, so compiled steps are unchecked.
 
+    Float labels must hold integral values (Keras' `Loss.__call__` casts integer labels to
+    float32, which keeps them exact): a fractional value such as 1.7, e.g. from a bilinearly
+    resized or [0, 1]-normalised mask, raises `tf.errors.InvalidArgumentError` ("labels must be
+    integral class ids") instead of being truncated to a class id.
+
     Args:
         labels: integer (or integral float) label tensor, any shape.
         num_classes: the number of classes C (int or scalar tensor).
@@ -107,6 +112,10 @@ def check_labels(labels, num_classes, ignore_index=None, owner="labels"):
     Returns:
         `labels` cast to int32, with a control dependency on the check.
     """
+    labels = tf.convert_to_tensor(labels)
+    fraction_check = None
+    if labels.dtype.is_floating:
+        fraction_check = _check_integral(labels, owner)
     labels = tf.cast(labels, tf.int32)
     bad = tf.logical_or(labels < 0, labels >= tf.cast(num_classes, tf.int32))
     if ignore_index is not None:
@@ -133,8 +142,57 @@ def check_labels(labels, num_classes, ignore_index=None, owner="labels"):
     if not isinstance(num_classes, int):
         data += ["num_classes =", num_classes]
     assertion = tf.debugging.Assert(tf.equal(count, 0), data, summarize=10)
-    with tf.control_dependencies([assertion]):
+    checks = [assertion] if fraction_check is None else [assertion, fraction_check]
+    with tf.control_dependencies(checks):
         return tf.identity(labels)
+
+
+_FRACTION_HINT = (
+    "A label map holds class ids: resize masks with nearest-neighbour interpolation and do not "
+    "normalise them (e.g. to [0, 1])."
+)
+
+
+def _check_integral(labels, owner):
+    """Raise (eagerly) or return an Assert op (in a graph) unless float `labels` are integral."""
+    fractional = tf.logical_not(tf.equal(labels, tf.round(labels)))  # NaN counts as fractional
+    text = f"{owner}: labels must be integral class ids; found fractional values"
+    if tf.executing_eagerly():
+        values = labels.numpy()[fractional.numpy()]
+        if values.size:
+            distinct = np.unique(values)
+            shown = ", ".join(f"{v:g}" for v in distinct[:10])
+            more = f" and {distinct.size - 10} more" if distinct.size > 10 else ""
+            raise tf.errors.InvalidArgumentError(
+                None, None, f"{text} {shown}{more} ({values.size} positions). {_FRACTION_HINT}"
+            )
+        return None
+    count = tf.reduce_sum(tf.cast(fractional, tf.int32))
+    example = tf.reduce_max(tf.where(fractional, labels, tf.cast(-np.inf, labels.dtype)))
+    data = [f"{text} (count, largest):", count, example, _FRACTION_HINT]
+    return tf.debugging.Assert(tf.equal(count, 0), data, summarize=10)
+
+
+def match_label_rank(y_true, y_pred, owner="labels"):
+    """Labels `(B, ..., 1)` (a channel axis of size 1, as image pipelines often give masks)
+    squeezed to `(B, ...)` when they have the rank of the scores `y_pred` `(B, ..., C)`;
+    labels `(B, ...)` are returned as they are.
+
+    Raises:
+        ValueError: labels of `y_pred`'s rank whose last axis is not 1 (e.g. one-hot labels).
+    """
+    y_true = ops.convert_to_tensor(y_true)
+    rank_true, rank_pred = len(y_true.shape), len(y_pred.shape)
+    if rank_true != rank_pred:
+        return y_true
+    if y_true.shape[-1] not in (1, None):
+        raise ValueError(
+            f"{owner}: `y_true` has shape {tuple(y_true.shape)}, the rank of the scores "
+            f"`y_pred` {tuple(y_pred.shape)}, but its last axis is not 1. Labels must be "
+            "integer class ids (B, ...) or (B, ..., 1), not one-hot: pass "
+            "argmax(y_true, axis=-1)."
+        )
+    return ops.squeeze(y_true, axis=-1)
 
 
 def _labels_and_mask(y_true, ignore_index, num_classes=None, owner="labels"):
@@ -175,8 +233,8 @@ def sparse_cross_entropy_per_example(
     classes matter. An example with no valid position contributes 0.
 
     Args:
-        y_true: integer labels `(B, ...)` in `[0, C)` or `ignore_index` (others raise, see
-            `check_labels`).
+        y_true: integer labels `(B, ...)` or `(B, ..., 1)` in `[0, C)` or `ignore_index`
+            (others raise, see `check_labels` and `match_label_rank`).
         y_pred: logits or probabilities `(B, ..., C)`.
         from_logits: whether `y_pred` are logits.
         ignore_index: label value to ignore, or None.
@@ -189,6 +247,7 @@ def sparse_cross_entropy_per_example(
     owner = owner or "SparseCrossEntropy"
     y_pred = ops.cast(y_pred, "float32")
     num_classes = _num_classes(y_pred)
+    y_true = match_label_rank(y_true, y_pred, owner)
     labels, mask = _labels_and_mask(y_true, ignore_index, num_classes, owner)
     ce = ops.sparse_categorical_crossentropy(labels, y_pred, from_logits=from_logits)
     weight = mask
@@ -215,6 +274,7 @@ def soft_dice_per_example(y_true, probs, smooth=1.0, ignore_index=None, owner="D
     counts as dice 1. Ignored pixels are removed from the prediction and the truth sums alike.
     """
     num_classes = _num_classes(probs)
+    y_true = match_label_rank(y_true, probs, owner)
     labels, mask = _labels_and_mask(y_true, ignore_index, num_classes, owner)
     one_hot = ops.one_hot(labels, num_classes, dtype=probs.dtype) * mask[..., None]
     probs = probs * mask[..., None]
@@ -237,17 +297,21 @@ def focal_loss_per_example(
     `FL_i = -alpha_{y_i} (1 - p_t)^gamma log p_t` with `p_t = p_i[y_i]` the softmax probability of
     the true class (Lin et al. 2017, "Focal Loss for Dense Object Detection", ICCV, eq. 5, in
     its softmax form). Per example, `loss_b = sum_i m_i FL_i / sum_i m_i`: a mean over the valid
-    positions, so `alpha` scales classes as in the paper and is not a re-normalized weighted mean
-    (unlike `class_weights` of `sparse_cross_entropy_per_example`). gamma=0 with alpha=None is
-    the plain cross-entropy.
+    positions, so a per-class `alpha` weighs classes as the paper's alpha_t and is not a
+    re-normalized weighted mean (unlike `class_weights` of `sparse_cross_entropy_per_example`).
+    A scalar `alpha` multiplies every class alike: it only rescales the loss, it does not
+    balance classes (the paper's alpha_t is alpha on the foreground and 1 - alpha on the
+    background: per class [1 - alpha, alpha] for background 0 / foreground 1, e.g. [0.75, 0.25]
+    for the paper's alpha = 0.25). gamma=0 with alpha=None is the plain cross-entropy.
 
     Args:
-        y_true: integer labels `(B, ...)` in `[0, C)` or `ignore_index`.
+        y_true: integer labels `(B, ...)` or `(B, ..., 1)` in `[0, C)` or `ignore_index`.
         y_pred: logits or probabilities `(B, ..., C)`.
         from_logits: whether `y_pred` are logits; probabilities are clipped to
             `[keras.config.epsilon(), 1]` before the log.
         gamma: focusing parameter >= 0.
-        alpha: None (1 for every class), a float for every class, or one float per class.
+        alpha: None (1 for every class), a float multiplying every class (a plain rescaling),
+            or one float per class (class balancing, the paper's alpha_t).
         ignore_index: label value to ignore, or None.
 
     Returns:
@@ -255,6 +319,7 @@ def focal_loss_per_example(
     """
     y_pred = ops.cast(y_pred, "float32")
     num_classes = _num_classes(y_pred)
+    y_true = match_label_rank(y_true, y_pred, "FocalLoss")
     labels, mask = _labels_and_mask(y_true, ignore_index, num_classes, "FocalLoss")
     if from_logits:
         log_probs = ops.log_softmax(y_pred, axis=-1)
@@ -292,8 +357,9 @@ class SparseCrossEntropy(keras.losses.Loss):
         class_weights: one non-negative weight per class, or None.
         reduction, name, dtype: as in `keras.losses.Loss`.
 
-    `y_true` holds integer class ids `(B, ...)`, `y_pred` scores `(B, ..., C)`. A label outside
-    `[0, C)` other than `ignore_index` raises `tf.errors.InvalidArgumentError`.
+    `y_true` holds integer class ids `(B, ...)` or `(B, ..., 1)`, `y_pred` scores `(B, ..., C)`.
+    A label outside `[0, C)` other than `ignore_index`, or a fractional float label, raises
+    `tf.errors.InvalidArgumentError`.
     """
 
     def __init__(
@@ -340,19 +406,21 @@ class DiceLoss(keras.losses.Loss):
     and the denominator.
 
     Args:
-        from_logits: True when `y_pred` are logits (a softmax over the last axis is applied).
-            The default False is kept for compatibility; dlmodels models return logits.
+        from_logits: True (the default, as every dlmodels loss: dlmodels models return
+            logits) applies a softmax over the last axis; False reads `y_pred` as
+            probabilities.
         smooth: additive smoothing of numerator and denominator (>= 0).
         ignore_index: label value whose pixels are excluded from every sum, or None.
         reduction, name, dtype: as in `keras.losses.Loss`.
 
-    `y_true` holds integer class ids `(B, ...)`, `y_pred` scores `(B, ..., C)`. A label outside
-    `[0, C)` other than `ignore_index` raises `tf.errors.InvalidArgumentError`.
+    `y_true` holds integer class ids `(B, ...)` or `(B, ..., 1)`, `y_pred` scores `(B, ..., C)`.
+    A label outside `[0, C)` other than `ignore_index`, or a fractional float label, raises
+    `tf.errors.InvalidArgumentError`.
     """
 
     def __init__(
         self,
-        from_logits=False,
+        from_logits=True,
         smooth=1.0,
         ignore_index=None,
         reduction="sum_over_batch_size",
@@ -390,14 +458,17 @@ class FocalLoss(keras.losses.Loss):
     Args:
         from_logits: True when `y_pred` are logits (dlmodels models return logits).
         gamma: focusing parameter >= 0 (0 gives the cross-entropy scaled by alpha).
-        alpha: None (no class weighting), one float for all classes, or one non-negative float
-            per class (e.g. inverse class frequencies). Not re-normalized: see
+        alpha: None (no class weighting), one non-negative float per class (class balancing,
+            e.g. [0.75, 0.25] for the paper's alpha_t = 0.25 on foreground class 1, or inverse
+            class frequencies), or one float for all classes, which only rescales the loss
+            (the same for every class, so no balancing). Not re-normalized: see
             `focal_loss_per_example`.
         ignore_index: label value whose positions are ignored, or None.
         reduction, name, dtype: as in `keras.losses.Loss`.
 
-    `y_true` holds integer class ids `(B, ...)`, `y_pred` scores `(B, ..., C)`. A label outside
-    `[0, C)` other than `ignore_index` raises `tf.errors.InvalidArgumentError`.
+    `y_true` holds integer class ids `(B, ...)` or `(B, ..., 1)`, `y_pred` scores `(B, ..., C)`.
+    A label outside `[0, C)` other than `ignore_index`, or a fractional float label, raises
+    `tf.errors.InvalidArgumentError`.
     """
 
     def __init__(
@@ -414,7 +485,13 @@ class FocalLoss(keras.losses.Loss):
         self.from_logits = bool(from_logits)
         self.gamma = _check_non_negative(gamma, "gamma", "FocalLoss", "e.g. gamma=2.0")
         if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
-            alpha = _check_non_negative(alpha, "alpha", "FocalLoss", "e.g. alpha=0.25")
+            alpha = _check_non_negative(
+                alpha,
+                "alpha",
+                "FocalLoss",
+                "a scalar only rescales the loss; to balance classes as the paper's alpha_t pass "
+                "one weight per class, e.g. alpha=[0.75, 0.25]",
+            )
         elif alpha is not None:
             alpha = _check_class_weights(alpha, "FocalLoss", "alpha")
         self.alpha = alpha

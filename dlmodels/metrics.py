@@ -102,7 +102,8 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
     `update_state` call; subclasses turn it into a number in `result()`.
 
     `y_pred` may be logits or probabilities `(B, ..., C)` (argmax over the last axis; C must
-    equal `num_classes`) or class ids shaped like `y_true`. Labels must lie in
+    equal `num_classes`) or class ids shaped like `y_true`; labels `(B, ..., 1)` with scores
+    `(B, ..., C)`, C > 1, lose their size-1 axis. Labels must lie in
     `[0, num_classes)` or equal `ignore_index`, predicted ids in `[0, num_classes)`; anything
     else raises `tf.errors.InvalidArgumentError` naming the values (see
     `dlmodels.losses.check_labels`). The matrix is a variable with SUM aggregation, so under
@@ -147,6 +148,14 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
         y_true = ops.convert_to_tensor(y_true)
         y_pred = ops.convert_to_tensor(y_pred)
         c = self.num_classes
+        if (
+            len(y_pred.shape) == len(y_true.shape) >= 2
+            and y_true.shape[-1] == 1
+            and y_pred.shape[-1] not in (1, None)
+        ):
+            # labels (B, ..., 1) with scores (B, ..., C): drop the label's channel axis, as the
+            # dlmodels losses do (`dlmodels.losses.match_label_rank`)
+            y_true = ops.squeeze(y_true, axis=-1)
         if len(y_pred.shape) == len(y_true.shape) + 1:
             if y_pred.shape[-1] is not None and y_pred.shape[-1] != c:
                 raise ValueError(

@@ -159,7 +159,9 @@ def test_dice_matches_numpy(shape, c, ignore, smooth):
     expected = np_dice(labels, probs64, ignore, smooth)
     loss = losses.DiceLoss(from_logits=True, smooth=smooth, ignore_index=ignore, reduction=None)
     np.testing.assert_allclose(loss(labels, logits), expected, **TOL)
-    from_probs = losses.DiceLoss(smooth=smooth, ignore_index=ignore, reduction=None)
+    from_probs = losses.DiceLoss(
+        from_logits=False, smooth=smooth, ignore_index=ignore, reduction=None
+    )
     np.testing.assert_allclose(from_probs(labels, probs64.astype("float32")), expected, **TOL)
 
 
@@ -167,7 +169,7 @@ def test_dice_smooth_zero_counts_an_empty_class_as_one():
     # Class 2 appears in neither labels nor (one-hot) predictions: 0/0 -> dice 1, not NaN.
     labels = np.array([[0, 1, 1, VOID]])
     probs = np.eye(3, dtype="float32")[[[0, 1, 0, 2]]]
-    loss = losses.DiceLoss(smooth=0.0, ignore_index=VOID, reduction=None)
+    loss = losses.DiceLoss(from_logits=False, smooth=0.0, ignore_index=VOID, reduction=None)
     # class 0: 2*1/(2+1); class 1: 2*1/(1+2); class 2 (only at the void pixel, removed): 1.
     expected = 1 - np.mean([2 / 3, 2 / 3, 1.0])
     np.testing.assert_allclose(loss(labels, probs), [expected], **TOL)
@@ -226,9 +228,11 @@ def test_combined_loss_is_the_weighted_sum_per_example():
     got = combined(labels, logits)
     assert got.shape == (3,)
     np.testing.assert_allclose(got, expected, **TOL)
-    # "dice" by name has from_logits=False while the others have True: refused.
+    # Terms that disagree on from_logits read the same y_pred differently: refused.
     with pytest.raises(ValueError, match="from_logits"):
-        losses.CombinedLoss([("dice", 1.0), ("ce", 1.0)])
+        losses.CombinedLoss([(losses.DiceLoss(from_logits=False), 1.0), ("ce", 1.0)])
+    # by name every term follows the library's logits convention, "dice" included
+    assert losses.CombinedLoss([("dice", 1.0), ("ce", 1.0)]).from_logits is True
     mean = losses.CombinedLoss(combined.get_config()["losses"], ignore_index=VOID)
     assert float(mean(labels, logits)) == pytest.approx(expected.mean(), rel=1e-6)
 
@@ -481,3 +485,81 @@ def test_out_of_range_without_ignore_index_and_predicted_ids():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"MeanIoU \(predicted class ids\)"):
         metric.update_state(np.array([0, 1]), np.array([0, 7]))
     assert float(metric.result()) == 0.0  # nothing was counted
+
+
+# -- review findings: Dice default, label shapes, fractional labels, focal alpha ---------------
+def test_dice_default_reads_logits_like_every_other_loss():
+    labels, logits = _data((2, 5, 6), 4, seed=11)
+    expected = np_dice(labels, _softmax64(logits))
+    for loss in (losses.DiceLoss(reduction=None), losses.get("dice", reduction=None)):
+        assert loss.from_logits is True
+        np.testing.assert_allclose(loss(labels, logits), expected, **TOL)
+    for name in losses.LOSSES:  # one convention for the whole library
+        assert losses.get(name).from_logits is True, name
+    # a perfect prediction given as (large) logits has no loss
+    perfect = 50.0 * np.eye(4, dtype="float32")[labels]
+    assert float(losses.DiceLoss()(labels, perfect)) == pytest.approx(0.0, abs=1e-6)
+
+
+LABEL_AXIS_LOSSES = {
+    "ce": lambda: losses.SparseCrossEntropy(ignore_index=VOID, reduction=None),
+    "dice": lambda: losses.DiceLoss(ignore_index=VOID, reduction=None),
+    "focal": lambda: losses.FocalLoss(ignore_index=VOID, reduction=None),
+    "dice_ce": lambda: losses.DiceCrossEntropy(ignore_index=VOID, reduction=None),
+    "focal_dice": lambda: losses.focal_dice(ignore_index=VOID, reduction=None),
+}
+
+
+@pytest.mark.parametrize("name", list(LABEL_AXIS_LOSSES))
+def test_labels_with_a_trailing_unit_axis_give_the_same_loss(name):
+    """Masks often come as (B, H, W, 1): every loss squeezes that axis, eagerly and in a graph,
+    and gives exactly the loss of the (B, H, W) labels; one-hot labels are refused."""
+    labels, logits = _data((2, 5, 6), 3, VOID, seed=12)
+    loss = LABEL_AXIS_LOSSES[name]()
+    expected = loss(labels, logits).numpy()
+    np.testing.assert_allclose(loss(labels[..., None], logits), expected, **TOL)
+    graph = tf.function(lambda y, p: loss(y, p))
+    np.testing.assert_allclose(graph(labels[..., None], logits), expected, **TOL)
+    with pytest.raises(ValueError, match=r"last axis is not 1.*not one-hot"):
+        loss(np.eye(3)[np.where(labels == VOID, 0, labels)], logits)
+
+
+def test_metrics_take_labels_with_a_trailing_unit_axis():
+    labels, logits = _data((2, 5, 6), 3, VOID, seed=13)
+    for make in (metrics.MeanIoU, metrics.PixelAccuracy):
+        plain, squeezed = make(3, ignore_index=VOID), make(3, ignore_index=VOID)
+        plain.update_state(labels, logits)
+        squeezed.update_state(labels[..., None], logits)
+        assert float(squeezed.result()) == pytest.approx(float(plain.result()), abs=1e-7)
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "focal"])
+def test_fractional_float_labels_are_refused_not_truncated(name):
+    """tf.cast truncates 1.7 to 1; a bilinearly resized mask must fail loudly instead."""
+    logits = np.zeros((1, 3, 3), "float32")
+    loss = losses.get(name)
+    floats = np.array([[0.4, 1.7, 2.9]], "float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"integral class ids.*0\.4, 1\.7"):
+        loss(floats, logits)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="integral class ids"):
+        tf.function(lambda y, p: loss(y, p))(floats, logits)
+    # integral floats (Keras casts integer labels to float32 anyway) are class ids
+    ints = np.array([[0, 1, 2]])
+    assert float(loss(ints.astype("float32"), logits)) == pytest.approx(float(loss(ints, logits)))
+
+
+def test_focal_alpha_scalar_only_rescales_and_per_class_is_the_papers_alpha_t():
+    labels, logits = _data((2, 4, 5), 2, seed=14)
+    p_t = np.take_along_axis(_softmax64(logits), labels[..., None], -1)[..., 0]
+    fl = -((1 - p_t) ** 2) * np.log(p_t)
+    plain = losses.FocalLoss(reduction=None)(labels, logits).numpy()
+    scaled = losses.FocalLoss(alpha=0.25, reduction=None)(labels, logits).numpy()
+    np.testing.assert_allclose(scaled, 0.25 * plain, **TOL)  # no class balancing at all
+    # Lin et al. eq. 3/5: alpha_t = alpha on the foreground (1), 1 - alpha on the background (0)
+    alpha_t = np.where(labels == 1, 0.25, 0.75)
+    expected = (alpha_t * fl).mean(axis=(1, 2))
+    got = losses.FocalLoss(alpha=[0.75, 0.25], reduction=None)(labels, logits)
+    np.testing.assert_allclose(got, expected, **TOL)
+    with pytest.raises(ValueError, match=r"only rescales.*alpha=\[0\.75, 0\.25\]") as info:
+        losses.FocalLoss(alpha=-0.25)
+    assert "e.g. alpha=0.25" not in str(info.value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import keras
 
 from dlmodels._validation import check_choice, check_positive_int
+from dlmodels.errors import UserError
 from dlmodels.layers.conv import (
     ConvNormAct,
     make_activation,
@@ -102,6 +103,11 @@ class ASPP(keras.layers.Layer):
         ):
             raise ValueError(f"{owner}: `dropout` must be a number in [0, 1), got {dropout!r}.")
         self.dropout = float(dropout)
+        if separable not in (True, False):
+            raise UserError(
+                f"{owner}: `separable` must be True (depthwise-separable atrous branches, "
+                f"DeepLabv3+) or False (plain 3x3 atrous convs), got {separable!r}."
+            )
         self.separable = bool(separable)
         self.norm_groups = check_positive_int("norm_groups", norm_groups, owner=owner)
         self.norm_epsilon = float(norm_epsilon)

@@ -38,7 +38,9 @@ class AttentionGate(keras.layers.Layer):
 
     Args:
         filters: channels of the intermediate space F_int of `W_x`, `W_g` (>= 1); None means
-            max(1, C_x // 2), the authors' default.
+            max(1, C_x // 2), the fallback of the authors' `GridAttentionBlock` when it is given
+            no `inter_channels`. Their Attention U-Net passes F_int = C_x (`inter_size=
+            filters[l]`), which `AttentionUNet` does too.
         return_attention: also return the coefficients `alpha` on x's grid (after upsampling),
             (batch, H, W, 1), e.g. to plot where the model looks.
         kernel_initializer, kernel_regularizer: of the three convolutions.

@@ -18,13 +18,14 @@ import builtins
 
 import keras
 
+from dlmodels.errors import UserError
 from dlmodels.layers.features import FeatureTap
 
 
 def _taps(model, caller: str) -> builtins.list[FeatureTap]:
     layers = getattr(model, "layers", None)
     if layers is None or not getattr(model, "inputs", None):
-        raise ValueError(
+        raise UserError(
             f"{caller}: `model`={getattr(model, 'name', model)!r} is not a functional Keras model "
             "with symbolic inputs; pass a backbone built by dlmodels.models (e.g. ResNet50)."
         )
@@ -36,7 +37,7 @@ def _taps(model, caller: str) -> builtins.list[FeatureTap]:
             if nested
             else ""
         )
-        raise ValueError(
+        raise UserError(
             f"{caller}: `model`={model.name!r} declares no feature maps (it has no "
             "dlmodels.layers.FeatureTap layers). Pass a backbone built by dlmodels.models "
             "(ResNet18 ... ResNet152V2), or declare the features of your own backbone by "
@@ -54,7 +55,7 @@ def _select(taps, names, caller):
     names = builtins.list(names)
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:
-        raise ValueError(
+        raise UserError(
             f"{caller}: `names`={names!r} must be a non-empty list of declared features; this "
             f"backbone declares {builtins.list(by_name)}."
         )
@@ -72,7 +73,8 @@ def backbone_features(model, names=None) -> dict:
         `{"C1": KerasTensor, ...}`: tensors of `model`'s graph, to build a decoder on.
 
     Raises:
-        ValueError: the model declares no features, or `names` holds an undeclared one.
+        UserError (a ValueError): the model declares no features, or `names` holds an
+            undeclared one.
     """
     taps = _select(_taps(model, "backbone_features"), names, "backbone_features")
     return {tap.name: tap.output for tap in taps}
@@ -168,19 +170,20 @@ def build_backbone(
         `{"C1": 2, ..., "C5": output_stride}`.
 
     Raises:
-        ValueError: an unknown name (the message lists `BACKBONES`), a model without features,
-            an output stride the backbone cannot give, or `backbone_kwargs` with a model.
+        UserError (a ValueError): an unknown name (the message lists `BACKBONES`), a model
+            without features, an output stride the backbone cannot give, or `backbone_kwargs`
+            with a model.
     """
     if isinstance(backbone, str):
         key = backbone.lower()
         if key not in BACKBONES:
-            raise ValueError(
+            raise UserError(
                 f"{owner}: `backbone`={backbone!r} is not a known backbone. Allowed values: "
                 f"{', '.join(BACKBONES)}, or a functional model declaring FeatureTap features "
                 "(see dlmodels.models.backbone)."
             )
         if output_stride not in (8, 16, 32):
-            raise ValueError(
+            raise UserError(
                 f"{owner}: `output_stride`={output_stride!r} is not supported. Allowed values: "
                 "8, 16, 32."
             )
@@ -189,7 +192,7 @@ def build_backbone(
         kwargs = dict(backbone_kwargs or {})
         for fixed in ("include_top", "input_tensor", "input_shape", "output_stride", "multigrid"):
             if fixed in kwargs:
-                raise ValueError(
+                raise UserError(
                     f"{owner}: `backbone_kwargs` may not set {fixed!r}; the decoder sets it "
                     "(pass output_stride / multigrid to the decoder itself)."
                 )
@@ -203,14 +206,14 @@ def build_backbone(
         )
         return backbone_features(model), feature_strides(model)
     if backbone_kwargs:
-        raise ValueError(
+        raise UserError(
             f"{owner}: `backbone_kwargs` applies to a backbone given by name; a model instance "
             "is used as built."
         )
     strides = feature_strides(backbone)  # raises a clear error without taps
     deepest = max(strides.values())
     if deepest != output_stride:
-        raise ValueError(
+        raise UserError(
             f"{owner}: the backbone model {backbone.name!r} has output stride {deepest} "
             f"(features {strides}), but `output_stride`={output_stride!r} was asked for; pass "
             f"output_stride={deepest}, or a backbone name so the decoder can dilate it."

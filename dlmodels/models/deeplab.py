@@ -31,7 +31,13 @@ import keras
 from dlmodels._validation import check_choice, check_positive_int
 from dlmodels.errors import UserError
 from dlmodels.layers.aspp import ASPP, rates_for_output_stride
-from dlmodels.layers.conv import ConvNormAct, validate_activation, validate_norm
+from dlmodels.layers.conv import (
+    ConvNormAct,
+    make_activation,
+    make_norm,
+    validate_activation,
+    validate_norm,
+)
 from dlmodels.layers.resize import ResizeLike
 from dlmodels.models.backbone import build_backbone
 from dlmodels.models.registry import register
@@ -79,13 +85,41 @@ def check_segmentation_input(input_shape, minimum: int, *, owner: str, why: str)
     return shape
 
 
-def resolve_multigrid(backbone, multigrid):
+def resolve_multigrid(backbone, multigrid, *, owner="DeepLabV3"):
     """`multigrid` as passed to the backbone: None stays None; for a ResNet name the rates are
-    cut to the blocks of its stage 5 (ResNet-18: 2); a backbone model ignores it (fixed rates)."""
-    if multigrid is None or not isinstance(backbone, str):
+    cut to the blocks of its stage 5 (ResNet-18: 2); a backbone model ignores it (fixed rates).
+
+    Raises:
+        UserError: `multigrid` is not a sequence of positive ints, or (for a ResNet name) it
+            has fewer rates than stage 5 has blocks.
+    """
+    if multigrid is None:
         return None
-    multigrid = tuple(multigrid)
-    return multigrid[: _STAGE5_BLOCKS.get(backbone.lower(), 3)]
+    blocks = _STAGE5_BLOCKS.get(backbone.lower(), 3) if isinstance(backbone, str) else None
+    example = (1, 2, 4)[: blocks or 3]
+    try:
+        rates = tuple(multigrid)
+    except TypeError:
+        rates = None
+    if (
+        isinstance(multigrid, str)
+        or not rates
+        or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates)
+        or (blocks is not None and len(rates) < blocks)
+    ):
+        where = (
+            f"one positive int per stage-5 block of {backbone} ({blocks}; a longer sequence is "
+            f"cut to its first {blocks})"
+            if blocks is not None
+            else "positive ints, one per stage-5 block"
+        )
+        raise UserError(
+            f"{owner}: `multigrid`={multigrid!r} must hold {where}, e.g. {example}, or be None "
+            "for no multi-grid."
+        )
+    if blocks is None:
+        return None
+    return rates[:blocks]
 
 
 def _backbone_kwargs(backbone, backbone_kwargs, norm):
@@ -118,6 +152,25 @@ def _common_checks(owner, input_shape, num_classes, output_stride, norm, activat
         why=f"2 x output_stride {output_stride}: C5 must have at least 2 x 2 cells",
     )
     return shape, num_classes, norm, activation, final
+
+
+def _separable_conv(x, filters, prefix, norm, activation):
+    """DeepLabv3+'s depthwise-separable 3x3 conv: 3x3 depthwise conv -> norm -> act, then a 1x1
+    conv-norm-act to `filters` (Chen et al. 2018, section 3.2; as ASPP's separable branches)."""
+    x = keras.layers.DepthwiseConv2D(
+        3,
+        padding="same",
+        use_bias=norm is None,
+        depthwise_initializer="he_normal",
+        name=f"{prefix}_depthwise",
+    )(x)
+    n = make_norm(norm, channels=x.shape[-1], name=f"{prefix}_depthwise_norm")
+    if n is not None:
+        x = n(x)
+    a = make_activation(activation, name=f"{prefix}_depthwise_act")
+    if a is not None:
+        x = a(x)
+    return ConvNormAct(filters, 1, norm=norm, activation=activation, name=f"{prefix}_pointwise")(x)
 
 
 def _aspp(
@@ -196,7 +249,7 @@ def DeepLabV3(
         backbone,
         inputs,
         output_stride=output_stride,
-        multigrid=resolve_multigrid(backbone, multigrid),
+        multigrid=resolve_multigrid(backbone, multigrid, owner=owner),
         backbone_kwargs=_backbone_kwargs(backbone, backbone_kwargs, norm),
         owner=owner,
     )
@@ -233,13 +286,17 @@ def DeepLabV3Plus(
     The ASPP output is resized to C2's runtime size and concatenated with C2 reduced to
     `low_level_filters` (48) channels by a 1x1 conv-BN-ReLU (fewer low-level channels keep the
     rich encoder features from being outweighed); two 3x3 conv-BN-ReLU (`decoder_filters`,
-    256) refine, a 1x1 conv classifies, and a bilinear resize gives the input size.
+    256; depthwise-separable with `separable=True`) refine, a 1x1 conv classifies, and a
+    bilinear resize gives the input size.
 
     Args:
         input_shape, num_classes, backbone, output_stride, multigrid, aspp_filters, rates,
         norm, activation, dropout, separable, final_activation, backbone_kwargs, name: as
-            `DeepLabV3` (the paper's Xception backbone is not provided; `separable=True` gives
-            its atrous separable ASPP).
+            `DeepLabV3` (the paper's Xception backbone is not provided). `separable=True`
+            makes both ASPP's atrous branches and the two 3x3 decoder convs depthwise-separable
+            (3x3 depthwise conv -> norm -> act -> 1x1 conv-norm-act, layers
+            "decoder_conv<i>_depthwise" / "_pointwise"), as the paper applies depthwise-separable
+            convolution "to both ASPP and decoder modules" (section 4).
         low_level_filters: channels C2 is reduced to (the paper: 48).
         decoder_filters: channels of the two 3x3 decoder convs (the paper: 256).
 
@@ -261,7 +318,7 @@ def DeepLabV3Plus(
         backbone,
         inputs,
         output_stride=output_stride,
-        multigrid=resolve_multigrid(backbone, multigrid),
+        multigrid=resolve_multigrid(backbone, multigrid, owner=owner),
         backbone_kwargs=_backbone_kwargs(backbone, backbone_kwargs, norm),
         owner=owner,
     )
@@ -272,7 +329,10 @@ def DeepLabV3Plus(
     low = ConvNormAct(low_level_filters, 1, name="decoder_low_level", **conv_kwargs)(features["C2"])
     x = ResizeLike(name="decoder_upsample")([x, low])
     x = keras.layers.Concatenate(name="decoder_concat")([x, low])
-    x = ConvNormAct(decoder_filters, 3, name="decoder_conv1", **conv_kwargs)(x)
-    x = ConvNormAct(decoder_filters, 3, name="decoder_conv2", **conv_kwargs)(x)
+    for i in (1, 2):
+        if separable:
+            x = _separable_conv(x, decoder_filters, f"decoder_conv{i}", norm, activation)
+        else:
+            x = ConvNormAct(decoder_filters, 3, name=f"decoder_conv{i}", **conv_kwargs)(x)
     outputs = logits_head(x, num_classes, inputs, final_activation)
     return keras.Model(inputs, outputs, name=name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import keras
 
 from dlmodels._validation import check_choice, check_positive_int
+from dlmodels.errors import UserError
 from dlmodels.layers.conv import ConvNormAct, validate_activation, validate_norm
 from dlmodels.layers.resize import AdaptiveAveragePooling2D, ResizeLike
 from dlmodels.models.backbone import build_backbone
@@ -35,6 +36,7 @@ from dlmodels.models.deeplab import (
     resolve_multigrid,
 )
 from dlmodels.models.registry import register
+from dlmodels.models.unet_plus_plus import check_dropout
 
 PAPER = "Zhao et al. 2017, Pyramid Scene Parsing Network (CVPR)"
 
@@ -97,13 +99,12 @@ def PSPNet(
     except TypeError:
         bins = ()
     if not bins or len(set(bins)) != len(bins):
-        raise ValueError(
+        raise UserError(
             f"{owner}: `bins` must be a non-empty sequence of distinct bin sizes, got {bins!r}; "
             "the paper uses (1, 2, 3, 6)."
         )
     bins = tuple(check_positive_int("bins", b, owner=owner) for b in bins)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"{owner}: `dropout` must be in [0, 1), got {dropout!r}.")
+    dropout = check_dropout("dropout", dropout, owner=owner)
     finest = max(bins)
     shape = check_segmentation_input(
         input_shape,
@@ -117,7 +118,7 @@ def PSPNet(
         backbone,
         inputs,
         output_stride=output_stride,
-        multigrid=resolve_multigrid(backbone, multigrid),
+        multigrid=resolve_multigrid(backbone, multigrid, owner=owner),
         backbone_kwargs=_backbone_kwargs(backbone, backbone_kwargs, norm),
         owner=owner,
     )
@@ -131,6 +132,6 @@ def PSPNet(
         levels.append(ResizeLike(name=f"ppm_upsample{b}")([x, c5]))
     x = keras.layers.Concatenate(name="ppm_concat")(levels)
     x = ConvNormAct(head_filters, 3, name="head_conv", **conv_kwargs)(x)
-    x = keras.layers.Dropout(float(dropout), name="head_dropout")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = logits_head(x, num_classes, inputs, final_activation)
     return keras.Model(inputs, outputs, name=name)

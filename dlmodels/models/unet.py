@@ -10,8 +10,8 @@ padding="valid")`: unpadded convolutions, skips center-cropped to the decoder's 
 overlap-tile strategy for images larger than one tile.
 
 Attention U-Net (Oktay et al. 2018, "Attention U-Net: Learning Where to Look for the Pancreas"):
-the U-Net with an additive `AttentionGate` on every skip, gated by the decoder feature one level
-deeper (before it is upsampled).
+the U-Net with an additive `AttentionGate` on the skips of levels 2..depth (as the authors'
+code), gated by the decoder feature one level deeper (before it is upsampled).
 
 ResUNet (Zhang, Liu & Wang 2018, "Road Extraction by Deep Residual U-Net", IEEE GRSL): full
 pre-activation residual units (He et al. 2016) in encoder, bridge and decoder; downsampling by a
@@ -228,12 +228,16 @@ def _check_common(
     dropout,
     backbone,
 ):
-    if len(tuple(input_shape)) != 3:
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = None
+    if shape is None or len(shape) != 3 or shape[-1] is None:
         raise UserError(
-            f"{owner}: `input_shape` must be (height, width, channels), got {input_shape!r}."
+            f"{owner}: `input_shape` must be (height, width, channels) with known channels, "
+            f"got {input_shape!r}. Pass e.g. input_shape=(256, 256, 3); height and width may "
+            "be None."
         )
-    if input_shape[-1] is None:
-        raise UserError(f"{owner}: the channel count of `input_shape` must be known.")
     depth = check_positive_int("depth", depth, owner=owner)
     base_filters = check_positive_int("base_filters", base_filters, owner=owner)
     num_classes = check_positive_int("num_classes", num_classes, owner=owner)
@@ -258,6 +262,30 @@ def _check_common(
             "depth is 4. Leave depth=4."
         )
     return depth, base_filters, num_classes, norm, activation, final_activation, float(dropout)
+
+
+def _check_attention_levels(levels, depth, owner):
+    """The decoder levels to gate: None means 2..depth (the authors' Attention U-Net leaves the
+    full-resolution skip ungated), "all" means 1..depth, else a collection of ints in 1..depth."""
+    if levels is None:
+        return frozenset(range(2, depth + 1))
+    if isinstance(levels, str) and levels == "all":
+        return frozenset(range(1, depth + 1))
+    try:
+        values = list(levels)
+    except TypeError:
+        values = None
+    if (
+        isinstance(levels, str)
+        or values is None
+        or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= depth for v in values)
+    ):
+        raise UserError(
+            f"{owner}: `attention_levels`={levels!r} must be None (levels 2..depth, the "
+            f"authors'), 'all', or a collection of decoder levels in 1..{depth} (1 is the "
+            f"full-resolution skip), e.g. attention_levels={tuple(range(2, depth + 1))}."
+        )
+    return frozenset(values)
 
 
 def _backbone_name(backbone):
@@ -312,6 +340,9 @@ def _build_unet(
     backbone=None,
     backbone_kwargs=None,
     attention=False,
+    attention_levels=None,
+    attention_reduction=1,
+    gating_conv=True,
 ):
     depth, base_filters, num_classes, norm, activation, final_activation, dropout = _check_common(
         owner,
@@ -339,6 +370,13 @@ def _build_unet(
         _check_valid_input(tuple(input_shape), depth, owner)
     elif backbone is None:
         check_divisible_input(tuple(input_shape), depth, owner=owner)
+    if attention:
+        attention_levels = _check_attention_levels(attention_levels, depth, owner)
+        attention_reduction = check_positive_int(
+            "attention_reduction", attention_reduction, owner=owner
+        )
+        if gating_conv not in (True, False):
+            raise UserError(f"{owner}: `gating_conv` must be True or False, got {gating_conv!r}.")
 
     conv_kwargs = {"norm": norm, "activation": activation, "kernel_initializer": kernel_initializer}
     if padding == "valid":
@@ -349,11 +387,17 @@ def _build_unet(
         skips = []
         for level in range(1, depth + 1):
             x = _double_conv(x, base_filters * 2 ** (level - 1), f"enc{level}", conv_kwargs)
+            if dropout and level == depth:
+                # "drop-out layers at the end of the contracting path" (the paper, section 3),
+                # placed as in the reference Keras port (zhixuhao/unet: drop4, drop5): on the
+                # deepest encoder level's output, which feeds both its skip and the pooling,
+                # and below on the bottleneck's output.
+                x = keras.layers.Dropout(dropout, name=f"enc{level}_dropout")(x)
             skips.append(x)
             x = keras.layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+        x = _double_conv(x, base_filters * 2**depth, "bottleneck", conv_kwargs)
         if dropout:
             x = keras.layers.Dropout(dropout, name="bottleneck_dropout")(x)
-        x = _double_conv(x, base_filters * 2**depth, "bottleneck", conv_kwargs)
         level_filters = {level: base_filters * 2 ** (level - 1) for level in range(1, depth + 1)}
     else:
         skips, x = _backbone_encoder(inputs, backbone, backbone_kwargs, input_shape, owner)
@@ -365,11 +409,17 @@ def _build_unet(
     for level in range(depth, 0, -1):
         filters = level_filters[level]
         skip = skips[level - 1]
-        if attention:
-            # gating signal: the decoder feature one level deeper, before upsampling
+        if attention and level in attention_levels:
+            # gating signal: the decoder feature one level deeper, before upsampling; at the
+            # deepest level the bottleneck through a 1x1 conv-norm-act (the authors'
+            # UnetGridGatingSignal), which feeds only the gate, not the decoder.
+            g = x
+            if level == depth and gating_conv:
+                g = ConvNormAct(x.shape[-1], 1, name="gating_conv", **conv_kwargs)(x)
+            inter = max(1, skip.shape[-1] // attention_reduction)
             skip = AttentionGate(
-                kernel_initializer=kernel_initializer, name=f"dec{level}_attention"
-            )([skip, x])
+                inter, kernel_initializer=kernel_initializer, name=f"dec{level}_attention"
+            )([skip, g])
         x = _upsample(x, filters, f"dec{level}", upsampling, kernel_initializer)
         if padding == "valid":
             skip = _center_crop(skip, x, f"dec{level}_crop")
@@ -378,7 +428,7 @@ def _build_unet(
     if backbone is not None:
         x = _upsample(x, base_filters, "dec0", upsampling, kernel_initializer)
         x = _double_conv(x, base_filters, "dec0", conv_kwargs)
-    outputs = _logits(x, num_classes, final_activation)
+    outputs = _logits(x, num_classes, final_activation, kernel_initializer)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -417,9 +467,14 @@ def UNet(
         activation: Keras activation name (the paper: "relu").
         upsampling: "transpose" (2x2 transposed conv, stride 2) or "bilinear" (bilinear resize
             then 2x2 conv); both halve the filters.
-        dropout: dropout rate at the end of the contracting path (the paper: 0.5).
+        dropout: dropout rate at the end of the contracting path (the paper: 0.5): a Dropout
+            "enc<depth>_dropout" on the deepest encoder level's output (before its pooling, so
+            its skip is dropped too) and "bottleneck_dropout" on the bottleneck's output, as in
+            the reference Keras port (zhixuhao/unet, drop4 / drop5). With a backbone only C5
+            (the bottleneck) is dropped.
         final_activation: None for logits, or "softmax" / "sigmoid".
-        kernel_initializer: initializer of every conv (the paper: He normal).
+        kernel_initializer: initializer of every conv, the 1x1 head included (the paper: He
+            normal).
         padding: "same" (output size = input size) or "valid" (the paper: unpadded 3x3 convs,
             skips center-cropped; 572 -> 388 for depth 4).
         backbone: None (the paper's encoder), a ResNet name ("resnet18", ... see
@@ -470,14 +525,32 @@ def AttentionUNet(
     kernel_initializer="he_normal",
     backbone=None,
     backbone_kwargs=None,
+    attention_levels=None,
+    attention_reduction=1,
+    gating_conv=True,
     name="attention_unet",
 ):
-    """Build an Attention U-Net: the (same-padded) U-Net with an additive attention gate on
-    every skip connection (Oktay et al. 2018).
+    """Build an Attention U-Net: the (same-padded) U-Net with additive attention gates on its
+    skip connections (Oktay et al. 2018).
 
-    At decoder level l the skip x_l is replaced by `AttentionGate()([x_l, g])` where g is the
-    decoder feature one level deeper, before it is upsampled (the paper's figure 1); the gate is
-    the identity on the shapes. Arguments and outputs as `UNet` (padding is "same").
+    At a gated decoder level l the skip x_l is replaced by `AttentionGate(F_int)([x_l, g])`
+    where g is the decoder feature one level deeper, before it is upsampled (the paper's
+    figure 1); the gate is the identity on the shapes. The defaults follow the authors' model
+    (ozan-oktay/Attention-Gated-Networks, `unet_CT_single_att_dsv_3D`): levels 2..depth are
+    gated and the full-resolution skip is not (`up_concat1(conv1, up2)`); F_int = C_x, the
+    skip's channels (`inter_size=filters[l]`); and the deepest gate's signal is the bottleneck
+    through a 1x1 conv-norm-act "gating_conv" (`UnetGridGatingSignal3`). Their deep-supervision
+    heads and the gates' output 1x1 conv-BN-ReLU are left out. Arguments and outputs as `UNet`
+    (padding is "same"), and:
+
+    Args:
+        attention_levels: decoder levels whose skip is gated: None (2..depth, the authors'),
+            "all" (1..depth) or a collection of ints in 1..depth (1 = full resolution; with a
+            backbone level l is the skip C_l).
+        attention_reduction: F_int = max(1, C_x // attention_reduction) (1, the authors'
+            model; 2 gives `AttentionGate`'s own default C_x // 2).
+        gating_conv: derive the deepest gate's signal by a 1x1 conv-norm-act on the bottleneck
+            (True, the authors'), or use the bottleneck itself (False).
 
     Returns:
         `keras.Model` "image" (batch, H, W, C) -> "logits" (batch, H, W, num_classes), float32.
@@ -498,6 +571,9 @@ def AttentionUNet(
         backbone=backbone,
         backbone_kwargs=backbone_kwargs,
         attention=True,
+        attention_levels=attention_levels,
+        attention_reduction=attention_reduction,
+        gating_conv=gating_conv,
     )
 
 
@@ -526,7 +602,7 @@ def _resunet_stem(x, filters, norm, activation, conv_kwargs, norm_kwargs):
 )
 def ResUNet(
     input_shape=(224, 224, 3),
-    num_classes=1,
+    num_classes=2,
     *,
     depth=None,
     base_filters=64,
@@ -555,7 +631,10 @@ def ResUNet(
     Args:
         input_shape: (height, width, channels); height and width multiples of 2**depth (of 32
             with a backbone) or None.
-        num_classes: output channels (the paper: 1, road / background with a sigmoid).
+        num_classes: output channels (>= 1). The default 2 (background, road) trains with the
+            default softmax cross-entropy and metrics, like `UNet`; the paper's model has 1
+            channel with a sigmoid (`num_classes=1`, which then needs a binary loss and
+            metrics).
         depth: number of stride-2 units (encoder units 2..depth and the bridge); None means 3
             (the paper) without a backbone and 4 with one.
         base_filters: filters of unit 1, doubled per level (the paper: 64). With a backbone the
@@ -565,7 +644,7 @@ def ResUNet(
         upsampling: "nearest" or "bilinear" 2x resize (no parameters).
         dropout: dropout rate on the bridge output (the paper: 0).
         final_activation: None for logits, or "sigmoid" / "softmax".
-        kernel_initializer: of every conv.
+        kernel_initializer: of every conv, the 1x1 head included.
         backbone, backbone_kwargs: as `UNet`: C1..C4 skips, C5 replaces the bridge.
         name: model name.
 
@@ -624,7 +703,7 @@ def ResUNet(
     if backbone is not None:
         x = keras.layers.UpSampling2D(2, interpolation=upsampling, name="dec0_up")(x)
         x = ResidualBlock(base_filters, 1, name="dec0", **unit_kwargs)(x)
-    outputs = _logits(x, num_classes, final_activation)
+    outputs = _logits(x, num_classes, final_activation, kernel_initializer)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -648,14 +727,27 @@ def _owned_ranges(starts: list[int], tile: int, size: int) -> list[tuple[int, in
     return list(itertools.pairwise(bounds))
 
 
+def _main_output(model, out):
+    """The main output of a (possibly multi-output) model's result: the one named "logits"
+    (UNet++ / UNet 3+ deep supervision, UNet 3+'s CGM), else the first; a single tensor as is."""
+    if isinstance(out, dict):
+        return out["logits"] if "logits" in out else next(iter(out.values()))
+    if isinstance(out, list | tuple):
+        from dlmodels.training.tasks import main_output_index
+
+        return out[main_output_index(model)]
+    return out
+
+
 def _model_output_size(model, tile_size, channels):
     try:
-        shape = model.compute_output_shape((1, tile_size, tile_size, channels))
+        shape = _main_output(model, model.compute_output_shape((1, tile_size, tile_size, channels)))
         if shape[1] is not None and shape[2] is not None:
             return int(shape[1]), int(shape[2]), int(shape[3])
-    except Exception:  # a model that cannot infer it: run it once
+    except (TypeError, ValueError, NotImplementedError):  # cannot infer it: run the model once
         pass
     out = model.predict(np.zeros((1, tile_size, tile_size, channels), "float32"), verbose=0)
+    out = np.asarray(_main_output(model, out))
     return out.shape[1], out.shape[2], out.shape[3]
 
 
@@ -663,7 +755,8 @@ def _predict_batches(model, tiles, batch_size):
     outs = []
     for i in range(0, len(tiles), batch_size):
         batch = np.stack(tiles[i : i + batch_size]).astype("float32")
-        outs.append(np.asarray(model.predict_on_batch(batch), dtype="float32"))
+        pred = _main_output(model, model.predict_on_batch(batch))
+        outs.append(np.asarray(pred, dtype="float32"))
     return np.concatenate(outs, axis=0)
 
 
@@ -688,7 +781,9 @@ def predict_tiled(model, image, *, tile_size=None, overlap=None, batch_size=4):
       (t - o) and may be omitted.
 
     Args:
-        model: a Keras model mapping (batch, t, t, C) to (batch, o, o, classes).
+        model: a Keras model mapping (batch, t, t, C) to (batch, o, o, classes); of a
+            multi-output model (deep supervision, UNet 3+'s CGM) the main output is used, the
+            one named "logits" (else the first).
         image: array (H, W, C).
         tile_size: input tile side t; None means the model's static input size (required when
             the model's input size is unknown). A model with a static input size only takes

@@ -77,7 +77,7 @@ class ClassGuidedGate(keras.layers.Layer):
 @register("unet3plus", task="segmentation", paper=PAPER)
 def UNet3Plus(
     input_shape=(320, 320, 3),
-    num_classes=1,
+    num_classes=2,
     *,
     depth=4,
     filters=None,
@@ -109,7 +109,10 @@ def UNet3Plus(
     Args:
         input_shape: (height, width, channels); height and width may be None and must be
             multiples of 2**depth when given (of 32 with a backbone).
-        num_classes: channels of every segmentation head (>= 1; the paper: 1).
+        num_classes: channels of every segmentation head (>= 1). The default 2 (background,
+            foreground) trains with the default softmax cross-entropy and metrics, like
+            `UNet`; the paper's binary masks use 1 channel with a sigmoid
+            (`num_classes=1`, which then needs a binary loss and metrics).
         depth: pooling steps, depth + 1 encoder levels (the paper: 4, five levels).
         filters: encoder filters, one int per level (the paper: (64, 128, 256, 512, 1024));
             None uses base_filters * 2**level. Not allowed with a backbone.
@@ -131,7 +134,7 @@ def UNet3Plus(
             FeatureTap features: the encoder levels are then C1..C_{depth+1} (strides 2..32),
             and each head is bilinearly upsampled to the input size.
         backbone_kwargs: further arguments of the named ResNet builder.
-        kernel_initializer: initializer of the block convs.
+        kernel_initializer: initializer of every conv: blocks, heads and the CGM's 1x1 conv.
         name: model name.
 
     Returns:
@@ -204,12 +207,19 @@ def UNet3Plus(
     cgm = None
     if class_guided:
         x = keras.layers.Dropout(cgm_dropout, name="cgm_dropout")(en[levels])
-        x = keras.layers.Conv2D(2, 1, name="cgm_conv")(x)
+        x = keras.layers.Conv2D(2, 1, kernel_initializer=kernel_initializer, name="cgm_conv")(x)
         x = keras.layers.GlobalMaxPooling2D(name="cgm_pool")(x)
         cgm = keras.layers.Activation("sigmoid", dtype="float32", name="cgm")(x)
 
     def make_head(n, out_name):
-        x = output_head(de[n], num_classes, 3, stride[n], prefix=f"head{n}")
+        x = output_head(
+            de[n],
+            num_classes,
+            3,
+            stride[n],
+            prefix=f"head{n}",
+            kernel_initializer=kernel_initializer,
+        )
         if cgm is not None:
             x = ClassGuidedGate(name=f"head{n}_gate")([x, cgm])
         return output_activation(x, final_activation, out_name)

@@ -120,10 +120,16 @@ def check_dropout(name, value, *, owner) -> float:
     return float(value)
 
 
-def output_head(x, num_classes, kernel_size, upsample, *, prefix):
+def output_head(x, num_classes, kernel_size, upsample, *, prefix, kernel_initializer="he_normal"):
     """Conv to `num_classes`, then bilinear upsampling by `upsample` (when > 1) to the input
     size: logits are resized before the activation, as DeepLab and UNet 3+ do."""
-    x = keras.layers.Conv2D(num_classes, kernel_size, padding="same", name=f"{prefix}_conv")(x)
+    x = keras.layers.Conv2D(
+        num_classes,
+        kernel_size,
+        padding="same",
+        kernel_initializer=kernel_initializer,
+        name=f"{prefix}_conv",
+    )(x)
     if upsample > 1:
         x = keras.layers.UpSampling2D(
             upsample, interpolation="bilinear", name=f"{prefix}_upsample"
@@ -177,8 +183,9 @@ def UNetPlusPlus(
             (bilinear resize then 2x2 conv); both map to the filters of the target level.
         dropout: rate of a Dropout after each node (0 disables it).
         deep_supervision: return every head X^{0,1..depth} as a list of outputs
-            "logits_1" ... "logits_<depth-1>", "logits" (the last head, the full model's, is
-            named "logits": training metrics and exports read it); False returns only it.
+            "logits", "logits_1" ... "logits_<depth-1>": the main head X^{0,depth} (the full
+            model's, which training metrics and exports read) first, then the auxiliary heads
+            X^{0,1..depth-1} in order; False returns only "logits".
         head: None, or k in 1..depth to build the pruned UNet++ L^k: only the nodes with
             i + j <= k and the single output "logits" of head k. Its layers are named as in the
             full model, so weights of a trained full model load by layer name.
@@ -187,14 +194,15 @@ def UNetPlusPlus(
             model declaring FeatureTap features: X^{i,0} are then C1..C_{depth+1} (strides
             2..2**(depth+1)) and each head is bilinearly upsampled by 2 to the input size.
         backbone_kwargs: further arguments of the named ResNet builder (norm, ...).
-        kernel_initializer: initializer of the block convs (the paper: He normal).
+        kernel_initializer: initializer of every conv, block convs and 1x1 heads (the paper:
+            He normal).
         name: model name.
 
     Returns:
         `keras.Model` with input "image" (batch, H, W, C) and output "logits"
         (batch, H, W, num_classes), or with `deep_supervision` a list of `depth` such outputs
-        "logits_1" ... "logits_<depth-1>", "logits" (head j on X^{0,j}); float32 also under a
-        mixed-precision policy.
+        "logits" (head X^{0,depth}), "logits_1" ... "logits_<depth-1>" (head j on X^{0,j});
+        float32 also under a mixed-precision policy.
     """
     owner = "UNetPlusPlus"
     depth = check_positive_int("depth", depth, owner=owner)
@@ -256,15 +264,22 @@ def UNetPlusPlus(
             finish(_double_conv(x, filters[i], f"x{i}_{j}", conv_kwargs), i, j)
 
     def make_head(j, out_name):
-        x = output_head(nodes[(0, j)], num_classes, 1, head_upsample, prefix=f"head{j}")
+        x = output_head(
+            nodes[(0, j)],
+            num_classes,
+            1,
+            head_upsample,
+            prefix=f"head{j}",
+            kernel_initializer=kernel_initializer,
+        )
         return output_activation(x, final_activation, out_name)
 
     if deep_supervision:
-        # The last head (the full UNet++) is the one to predict with: it is named "logits", the
-        # convention by which the Trainer's metrics and exports pick a model's main output.
-        outputs = [
-            make_head(j, "logits" if j == levels else f"logits_{j}") for j in range(1, levels + 1)
-        ]
+        # The last head (the full UNet++) is the one to predict with: it is named "logits" and
+        # comes first, so code reading `outputs[0]` (a serving client, an export metric) gets
+        # it; the auxiliary heads X^{0,1..depth-1} follow in order as "logits_<j>".
+        outputs = [make_head(levels, "logits")]
+        outputs += [make_head(j, f"logits_{j}") for j in range(1, levels)]
     else:
         outputs = make_head(levels, "logits")
     return keras.Model(inputs, outputs, name=name)

@@ -70,6 +70,47 @@ def test_forward_equals_reference_from_keras_conv_ops():
     assert np.max(np.abs(conv(plain, layer.project) - expected)) > 1e-2
 
 
+def np_depthwise_same(x, kernel, bias, rate):
+    """3x3 depthwise convolution, dilation `rate`, zero 'same' padding, in float64 loops over
+    the nine taps: out[h, w, c] = sum_ij x[h + (i-1) r, w + (j-1) r, c] k[i, j, c] + b[c]."""
+    n, h, w, c = x.shape
+    padded = np.pad(x.astype("float64"), ((0, 0), (rate, rate), (rate, rate), (0, 0)))
+    out = np.zeros((n, h, w, c))
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, i * rate : i * rate + h, j * rate : j * rate + w] * kernel[i, j, :, 0]
+    return out + bias
+
+
+def test_separable_forward_equals_numpy_reference():
+    """DeepLabv3+'s atrous separable branches with norm=None: depthwise 3x3 atrous conv (+bias)
+    -> ReLU -> pointwise 1x1 conv (+bias) -> ReLU, against numpy. Swapping the depthwise rate,
+    skipping its activation or the pointwise conv fails."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 9, 11, 3)).astype("float32")
+    rates = (1, 3)
+    layer = ASPP(4, rates, norm=None, activation="relu", dropout=0.0, separable=True)
+    layer(x)  # build
+    for dw in layer.depthwise:  # non-zero depthwise biases in the check
+        dw.bias.assign(rng.standard_normal(dw.bias.shape).astype("float32"))
+    y = keras.ops.convert_to_numpy(layer(x))
+    relu = lambda t: np.maximum(t, 0.0)  # noqa: E731
+
+    def pointwise(inputs, unit):
+        kernel, bias = unit.conv.get_weights()
+        return relu(inputs @ kernel[0, 0].astype("float64") + bias)
+
+    branches = [pointwise(x, layer.conv1x1)]
+    for dw, unit, r in zip(layer.depthwise, layer.atrous, rates, strict=True):
+        assert dw.dilation_rate == (r, r) and dw.kernel.shape == (3, 3, 3, 1)
+        kernel, bias = (w.astype("float64") for w in dw.get_weights())
+        branches.append(pointwise(relu(np_depthwise_same(x, kernel, bias, r)), unit))
+    pooled = pointwise(x.mean(axis=(1, 2), keepdims=True), layer.pool_conv)
+    branches.append(np.broadcast_to(pooled, (2, 9, 11, 4)))
+    expected = pointwise(np.concatenate(branches, axis=-1), layer.project)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
 def test_dynamic_spatial_size():
     """The image-level branch resizes to the runtime size: one model, several sizes."""
     inputs = keras.Input((None, None, 6))
@@ -97,6 +138,8 @@ def test_rates_for_output_stride():
         ({"dropout": 1.0}, r"ASPP: `dropout` must be a number in \[0, 1\), got 1.0"),
         ({"norm": "batchnorm"}, r"ASPP: `norm`='batchnorm' is not supported"),
         ({"activation": "nope"}, r"ASPP: `activation`='nope' is not a Keras activation"),
+        ({"separable": "no"}, r"ASPP: `separable` must be True .* or False .*got 'no'"),
+        ({"separable": None}, r"ASPP: `separable` must be True .*got None"),
     ],
 )
 def test_argument_errors(kwargs, message):

@@ -28,12 +28,17 @@ def np_upsample2_bilinear(a):
     return a
 
 
-def np_gate(layer, x, g):
+def np_gate(layer, x, g, f_int):
+    """The reference with the layer's weights, whose shapes are checked against the F_int the
+    caller expects (written in the test, not read from the layer)."""
     w_x = keras.ops.convert_to_numpy(layer.theta.kernel).astype("float64")  # (2, 2, Cx, F)
     w_g = keras.ops.convert_to_numpy(layer.phi.kernel)[0, 0].astype("float64")  # (Cg, F)
     b_g = keras.ops.convert_to_numpy(layer.phi.bias).astype("float64")
     psi = keras.ops.convert_to_numpy(layer.psi.kernel)[0, 0].astype("float64")  # (F, 1)
     b_psi = keras.ops.convert_to_numpy(layer.psi.bias).astype("float64")
+    cx, cg = x.shape[-1], g.shape[-1]
+    assert (w_x.shape, w_g.shape, b_g.shape) == ((2, 2, cx, f_int), (cg, f_int), (f_int,))
+    assert (psi.shape, b_psi.shape) == ((f_int, 1), (1,))
     x, g = x.astype("float64"), g.astype("float64")
     theta = sum(x[:, i::2, j::2] @ w_x[i, j] for i in range(2) for j in range(2))
     q = np.maximum(theta + g @ w_g + b_g, 0.0) @ psi + b_psi
@@ -56,7 +61,7 @@ def test_attention_gate_matches_numpy_reference():
     phi_bias = np.linspace(-0.5, 0.5, 5).astype("float32")
     layer.phi.bias.assign(phi_bias)
     out = keras.ops.convert_to_numpy(layer([x, g]))
-    ref, alpha_ref = np_gate(layer, x, g)
+    ref, alpha_ref = np_gate(layer, x, g, 5)
     assert layer.theta.kernel.shape == (2, 2, 6, 5) and not layer.theta.use_bias
     np.testing.assert_allclose(out, ref, atol=1e-5)
     alpha = keras.ops.convert_to_numpy(layer.attention(x, g))
@@ -71,9 +76,10 @@ def test_attention_gate_return_attention_and_default_filters():
     x, g = _inputs(seed=1)
     layer = AttentionGate(return_attention=True)
     out, alpha = (keras.ops.convert_to_numpy(t) for t in layer([x, g]))
-    assert layer.theta.filters == 3  # C_x // 2, the authors' default
+    # filters=None: C_x // 2 = 6 // 2, GridAttentionBlock's fallback without inter_channels
+    # (AttentionUNet passes F_int = C_x explicitly, see tests/models/test_unet_variants.py)
     np.testing.assert_allclose(out, x * alpha, atol=1e-6)
-    np.testing.assert_allclose(out, np_gate(layer, x, g)[0], atol=1e-5)
+    np.testing.assert_allclose(out, np_gate(layer, x, g, 3)[0], atol=1e-5)
     assert layer.compute_output_shape([x.shape, g.shape]) == [x.shape, (2, 8, 8, 1)]
 
 

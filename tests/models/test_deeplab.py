@@ -3,6 +3,7 @@ rates in the built graph, runtime-size resizing in Keras and in ONNX with dynami
 width, the half-pixel resize convention, argument errors."""
 
 import os
+import re
 import tempfile
 
 import keras
@@ -238,3 +239,52 @@ def test_argument_errors(builder, kwargs, message):
     args = {"input_shape": (32, 32, 3), "num_classes": 3, **SMALL, **kwargs}
     with pytest.raises(ValueError, match=message):
         builder(**args)
+
+
+@pytest.mark.parametrize("builder", [DeepLabV3, DeepLabV3Plus])
+def test_multigrid_and_backbone_errors_are_the_builders_user_errors(builder):
+    from dlmodels.errors import UserError
+
+    args = {"input_shape": (32, 32, 3), "num_classes": 3, **SMALL}
+    owner = builder.__name__
+    with pytest.raises(UserError) as info:
+        builder(**{**args, "multigrid": (2,)})
+    assert str(info.value) == (
+        f"{owner}: `multigrid`=(2,) must hold one positive int per stage-5 block of resnet18 "
+        "(2; a longer sequence is cut to its first 2), e.g. (1, 2), or be None for no "
+        "multi-grid."
+    )
+    for bad in ("124", (1, 0, 2), 3):
+        with pytest.raises(
+            UserError, match=rf"^{owner}: `multigrid`={re.escape(repr(bad))} must hold"
+        ):
+            builder(**{**args, "multigrid": bad})
+    with pytest.raises(UserError, match=rf"^{owner}: `backbone`='vgg16' is not a known"):
+        builder(**{**args, "backbone": "vgg16"})
+
+
+def test_deeplabv3plus_separable_decoder():
+    """DeepLabv3+ section 4: depthwise-separable convolution "to both ASPP and decoder
+    modules". The two 3x3 decoder convs become depthwise 3x3 -> BN -> ReLU -> 1x1 conv-BN-ReLU.
+    By hand (BN: 4 per channel, no conv bias), concat of ASPP 16 + low-level 8 = 24 channels:
+    plain 9*24*16 + 64 + 9*16*16 + 64 = 5,888; separable (9*24 + 96 + 24*16 + 64) +
+    (9*16 + 64 + 16*16 + 64) = 1,288. DeepLabV3 (no decoder) isolates ASPP's own change."""
+    args = {"input_shape": (32, 32, 3), "num_classes": 3, "rates": (1, 2, 3), **SMALL}
+    plus = {"low_level_filters": 8, "decoder_filters": 16}
+    sep = DeepLabV3Plus(**args, **plus, separable=True)
+    plain = DeepLabV3Plus(**args, **plus)
+    aspp_change = (
+        DeepLabV3(**args).count_params() - DeepLabV3(**args, separable=True).count_params()
+    )
+    assert plain.count_params() - sep.count_params() - aspp_change == 5_888 - 1_288
+    names = {layer.name for layer in sep.layers}
+    assert "decoder_conv1" not in names and "decoder_conv2" not in names
+    for i, cin in ((1, 24), (2, 16)):
+        dw = sep.get_layer(f"decoder_conv{i}_depthwise")
+        assert isinstance(dw, keras.layers.DepthwiseConv2D)
+        assert dw.kernel.shape == (3, 3, cin, 1) and not dw.use_bias
+        pw = sep.get_layer(f"decoder_conv{i}_pointwise")
+        assert pw.conv.kernel.shape == (1, 1, cin, 16)
+        assert pw.input is sep.get_layer(f"decoder_conv{i}_depthwise_act").output
+    assert sep.get_layer("decoder_conv1_depthwise").input is sep.get_layer("decoder_concat").output
+    assert sep(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 32, 32, 3)

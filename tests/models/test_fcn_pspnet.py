@@ -287,10 +287,16 @@ def test_registry_entries():
             r"40, below the minimum 48 \(max\(2, largest bin 6\) x output_stride 8",
         ),
         (PSPNet, {"backbone": "vgg16"}, r"PSPNet: `backbone`='vgg16' is not a known backbone"),
-        (PSPNet, {"dropout": 1.5}, r"PSPNet: `dropout` must be in \[0, 1\)"),
+        (PSPNet, {"dropout": 1.5}, r"PSPNet: `dropout` must be a rate in \[0, 1\), got 1.5"),
+        (PSPNet, {"dropout": "0.1x"}, r"PSPNet: `dropout` must be a rate in \[0, 1\), got '0.1x'"),
+        (PSPNet, {"dropout": None}, r"PSPNet: `dropout` must be a rate in \[0, 1\), got None"),
+        (PSPNet, {"dropout": True}, r"PSPNet: `dropout` must be a rate in \[0, 1\), got True"),
+        (PSPNet, {"multigrid": (2,)}, r"PSPNet: `multigrid`=\(2,\) must hold one positive int"),
     ],
 )
 def test_argument_errors(builder, kwargs, message):
+    from dlmodels.errors import UserError
+
     args = {"input_shape": (64, 64, 3), "num_classes": 3, "backbone": "resnet18", **kwargs}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         builder(**args)

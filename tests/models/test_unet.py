@@ -3,8 +3,16 @@ import numpy as np
 import pytest
 
 import dlmodels
+from dlmodels.errors import UserError
 from dlmodels.models import ResNet18, UNet
-from dlmodels.models.unet import predict_tiled, unet_valid_input_size, unet_valid_output_size
+from dlmodels.models.unet import (
+    AttentionUNet,
+    ResUNet,
+    predict_tiled,
+    unet_valid_input_size,
+    unet_valid_output_size,
+)
+from dlmodels.models.unet_plus_plus import UNetPlusPlus
 from tests.helpers import randomize_norm_statistics, run_model_test
 
 
@@ -85,12 +93,52 @@ def test_unet_registry():
         ({"upsampling": "nearest"}, r"`upsampling`='nearest'.*'transpose', 'bilinear'"),
         ({"depth": 0}, r"`depth`"),
         ({"dropout": 1.5}, r"`dropout`"),
+        ({"input_shape": None}, r"UNet: `input_shape` must be \(height, width, channels\).*None"),
+        ({"input_shape": (32, 32, None)}, r"known channels, got \(32, 32, None\)"),
+        ({"input_shape": (32, 32)}, r"`input_shape` must be.*got \(32, 32\)"),
     ],
 )
 def test_unet_bad_arguments(kwargs, match):
+    error = UserError if "input_shape" in kwargs else ValueError
     kwargs = {"input_shape": (64, 64, 3), "num_classes": 2, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         UNet(**kwargs)
+
+
+def _source(model, name, index=None):
+    """The layer whose output feeds layer `name` (its `index`-th input)."""
+    x = model.get_layer(name).input
+    return (x if index is None else x[index])._keras_history[0].name
+
+
+def test_unet_dropout_at_the_end_of_the_contracting_path():
+    """The paper's "drop-out layers at the end of the contracting path", placed as the reference
+    Keras port (zhixuhao/unet: drop4 after conv4, before pool4 and the skip; drop5 after
+    conv5): the deepest encoder level's output (skip included) and the bottleneck's output."""
+    model = UNet((32, 32, 3), 2, depth=2, base_filters=4, dropout=0.5)
+    drops = [x.name for x in model.layers if isinstance(x, keras.layers.Dropout)]
+    assert sorted(drops) == ["bottleneck_dropout", "enc2_dropout"]
+    assert model.get_layer("enc2_dropout").rate == 0.5
+    assert _source(model, "enc2_dropout") == "enc2_conv2"
+    assert _source(model, "enc2_pool") == "enc2_dropout"
+    assert _source(model, "dec2_concat", 0) == "enc2_dropout"  # the level-2 skip is dropped
+    assert _source(model, "dec1_concat", 0) == "enc1_conv2"  # shallower skips are not
+    assert _source(model, "bottleneck_conv1") == "enc2_pool"  # nothing dropped in between
+    assert _source(model, "bottleneck_dropout") == "bottleneck_conv2"
+    assert _source(model, "dec2_up") == "bottleneck_dropout"
+    # the masks act at training time only: inference is deterministic, training is not
+    x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(model(x), model(x))
+    assert np.abs(np.asarray(model(x, training=True)) - np.asarray(model(x))).max() > 1e-3
+    assert not [x for x in UNet((32, 32, 3), 2, depth=2).layers if "dropout" in x.name]
+
+
+@pytest.mark.parametrize("builder", [UNet, AttentionUNet, ResUNet])
+def test_kernel_initializer_reaches_the_head(builder):
+    """`kernel_initializer` is documented as every conv's: the 1x1 head included."""
+    model = builder((16, 16, 3), 2, depth=2, base_filters=2, kernel_initializer="ones")
+    head = model.get_layer("head_conv")
+    np.testing.assert_array_equal(np.asarray(head.kernel), np.ones(head.kernel.shape))
 
 
 # -- padding="valid": the paper's unpadded U-Net ----------------------------------------------
@@ -302,6 +350,30 @@ def test_predict_tiled_valid_overlap_tile_is_seamless():
         predict_tiled(tile_model, image, overlap=8)
     with pytest.raises(ValueError, match=r"`tile_size`=64 does not fit.*fixed to \(60, 60\)"):
         predict_tiled(tile_model, image, tile_size=64)
+
+
+def test_predict_tiled_multi_output_model_uses_the_main_output():
+    """Deep supervision gives several outputs: predict_tiled stitches the one named "logits",
+    wherever it is in the list (here also put last on purpose), through both the static output
+    shape and the run-once fallback: exactly the tiling of a model with that output alone."""
+    model = UNetPlusPlus((None, None, 3), 2, depth=2, base_filters=4, deep_supervision=True)
+    randomize_norm_statistics(model)
+    aux, main = model.get_layer("logits_1").output, model.get_layer("logits").output
+    swapped = keras.Model(model.inputs, [aux, main])
+    assert swapped.output_names == ["logits_1", "logits"]
+    image = np.random.default_rng(0).standard_normal((48, 40, 3)).astype("float32")
+    kwargs = {"tile_size": 32, "overlap": 16}
+    expected = predict_tiled(keras.Model(model.inputs, main), image, **kwargs)
+    wrong = predict_tiled(keras.Model(model.inputs, aux), image, **kwargs)
+    assert expected.shape == (48, 40, 2) and np.abs(expected - wrong).max() > 1e-2
+    for m in (model, swapped):
+        np.testing.assert_allclose(predict_tiled(m, image, **kwargs), expected, atol=1e-6)
+
+    def no_shape(shape):
+        raise NotImplementedError("no static shape")
+
+    swapped.compute_output_shape = no_shape  # the fallback runs the model once
+    np.testing.assert_allclose(predict_tiled(swapped, image, **kwargs), expected, atol=1e-6)
 
 
 def test_predict_tiled_bad_arguments():

@@ -251,3 +251,17 @@ def test_bad_arguments(kwargs, match):
     kwargs = {"input_shape": (32, 32, 3), "num_classes": 2, **TINY, **kwargs}
     with pytest.raises(ValueError, match=match):
         UNet3Plus(**kwargs)
+
+
+def test_default_two_classes_and_kernel_initializer_of_every_conv():
+    """num_classes defaults to 2 (the default softmax loss and metrics work, as with UNet); the
+    paper's 1-channel sigmoid model stays available. `kernel_initializer` reaches the heads and
+    the CGM conv too."""
+    model = UNet3Plus(
+        (32, 32, 3), deep_supervision=True, class_guided=True, kernel_initializer="ones", **TINY
+    )
+    assert [tuple(s) for s in model.output_shape] == [(None, 32, 32, 2)] * 3 + [(None, 2)]
+    for name in ("head1_conv", "head2_conv", "head3_conv", "cgm_conv"):
+        kernel = np.asarray(model.get_layer(name).kernel)
+        np.testing.assert_array_equal(kernel, np.ones(kernel.shape), err_msg=name)
+    assert UNet3Plus((32, 32, 3), 1, **TINY).output_shape == (None, 32, 32, 1)

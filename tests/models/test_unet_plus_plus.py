@@ -90,9 +90,12 @@ def test_nested_dense_skip_wiring():
             up = model.get_layer(f"x{i}_{j}_up")
             assert up.input is model.get_layer(f"x{i + 1}_{j - 1}_conv2").output
             assert model.get_layer(name).output.shape[-1] == (j + 1) * f[i]
-    assert model.output_names == ["logits_1", "logits_2", "logits"]
+    # the main head X^{0,depth} first (what `outputs[0]` readers get), then heads 1..depth-1
+    assert model.output_names == ["logits", "logits_1", "logits_2"]
     for j in (1, 2, 3):
         assert model.get_layer(f"head{j}_conv").input is model.get_layer(f"x0_{j}_conv2").output
+    heads = [t._keras_history[0].input._keras_history[0].name for t in model.outputs]
+    assert heads == ["head3_conv", "head1_conv", "head2_conv"]
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -101,11 +104,15 @@ def test_pruning_matches_full_model_head_and_hand_count(k):
     full = UNetPlusPlus((32, 32, 3), 3, depth=depth, filters=f, deep_supervision=True)
     randomize_norm_statistics(full)
     x = _x()
-    full_out = [np.asarray(o) for o in full(x, training=False)]
+    outs = [np.asarray(o) for o in full(x, training=False)]
+    full_out = dict(zip(full.output_names, outs, strict=True))
+    assert list(full_out) == ["logits", "logits_1", "logits_2"]
 
     pruned = prune(full, k)
     assert pruned.output_names == ["logits"]
-    np.testing.assert_allclose(pruned(x, training=False), full_out[k - 1], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(pruned(x, training=False), full_out[f"logits_{k}"], atol=1e-6)
+    # pruning to the deepest head gives the main output, the full model's first
+    np.testing.assert_allclose(prune(full, depth)(x, training=False), full_out["logits"], atol=1e-6)
 
     # L^k keeps the nodes with i + j <= k only
     nodes = {
@@ -126,7 +133,7 @@ def test_pruning_matches_full_model_head_and_hand_count(k):
     for layer in direct.layers:
         if layer.weights:
             layer.set_weights(full.get_layer(layer.name).get_weights())
-    np.testing.assert_allclose(direct(x, training=False), full_out[k - 1], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(direct(x, training=False), full_out[f"logits_{k}"], atol=1e-6)
 
 
 def test_paper_parameter_count():
@@ -200,3 +207,12 @@ def test_prune_errors():
     assert prune(plain, 2).count_params() == plain.count_params()
     with pytest.raises(ValueError, match=r"not a UNetPlusPlus"):
         prune(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), 1)
+
+
+def test_kernel_initializer_reaches_every_head():
+    model = UNetPlusPlus(
+        (32, 32, 3), 2, depth=2, base_filters=2, deep_supervision=True, kernel_initializer="ones"
+    )
+    for name in ("head1_conv", "head2_conv"):
+        kernel = np.asarray(model.get_layer(name).kernel)
+        np.testing.assert_array_equal(kernel, np.ones(kernel.shape), err_msg=name)

@@ -32,33 +32,59 @@ def test_attention_unet_harness():
     )
 
 
+def _gate_params(cx, cg, f):
+    """W_x 2x2 (C_x -> F, no bias), W_g 1x1 (C_g -> F, bias), psi 1x1 (F -> 1, bias)."""
+    return conv(2, cx, f, bias=False) + conv(1, cg, f) + conv(1, f, 1)
+
+
 def test_attention_unet_parameter_count_is_unet_plus_gates():
-    """Each gate at level l: W_x 2x2 (C_x -> F, no bias), W_g 1x1 (C_g -> F, bias), psi 1x1
-    (F -> 1, bias) with C_x = base * 2**(l-1), C_g = base * 2**l (the deeper decoder feature),
-    F = C_x // 2."""
+    """The authors' model (Attention-Gated-Networks, unet_CT_single_att_dsv_3D): gates on
+    levels 2..depth only, F_int = C_x (`inter_size=filters[l]`), and a 1x1 conv on the
+    bottleneck as the deepest gating signal (`UnetGridGatingSignal3`). With C_x = base *
+    2**(l-1), C_g = base * 2**l (the deeper decoder feature)."""
     kwargs = {"depth": 3, "base_filters": 8, "norm": None}
     plain = UNet((None, None, 1), 2, **kwargs)
     gated = AttentionUNet((None, None, 1), 2, **kwargs)
-    gates = 0
-    for level in (1, 2, 3):
-        cx, cg = 8 * 2 ** (level - 1), 8 * 2**level
-        f = cx // 2
-        gates += conv(2, cx, f, bias=False) + conv(1, cg, f) + conv(1, f, 1)
-    assert gates == (128 + 68 + 5) + (512 + 264 + 9) + (2048 + 1040 + 17)
+    # level 2: C_x 16, C_g 32, F 16; level 3: C_x 32, C_g 64, F 32; gating conv 64 -> 64
+    gates = _gate_params(16, 32, 16) + _gate_params(32, 64, 32) + conv(1, 64, 64)
+    assert gates == (1024 + 528 + 17) + (4096 + 2080 + 33) + (4096 + 64)
     assert gated.count_params() == plain.count_params() + gates
+    # the previous behaviour stays available: every level gated, F = C_x // 2, no gating conv
+    old = AttentionUNet(
+        (None, None, 1),
+        2,
+        attention_levels="all",
+        attention_reduction=2,
+        gating_conv=False,
+        **kwargs,
+    )
+    gates = _gate_params(8, 16, 4) + _gate_params(16, 32, 8) + _gate_params(32, 64, 16)
+    assert gates == (128 + 68 + 5) + (512 + 264 + 9) + (2048 + 1040 + 17)
+    assert old.count_params() == plain.count_params() + gates
 
 
 def test_attention_unet_gates_skip_with_deeper_decoder_feature():
+    """As the authors' forward(): g_conv4 = att4(conv4, gating(center)), g_conv3 = att3(conv3,
+    up4), g_conv2 = att2(conv2, up3), up1 = up_concat1(conv1, up2): no gate on level 1."""
     model = AttentionUNet((32, 32, 3), 2, depth=3, base_filters=4)
     gates = [layer for layer in model.layers if isinstance(layer, AttentionGate)]
-    assert sorted(g.name for g in gates) == ["dec1_attention", "dec2_attention", "dec3_attention"]
-    for level in (1, 2, 3):
+    assert sorted(g.name for g in gates) == ["dec2_attention", "dec3_attention"]
+    gating = model.get_layer("gating_conv")
+    assert gating.input is model.get_layer("bottleneck_conv2").output
+    assert gating.conv.kernel.shape == (1, 1, 32, 32)  # 1x1, bottleneck channels kept
+    for level in (2, 3):
         x, g = model.get_layer(f"dec{level}_attention").input
-        deeper = "bottleneck" if level == 3 else f"dec{level + 1}"
         assert x is model.get_layer(f"enc{level}_conv2").output
-        assert g is model.get_layer(f"{deeper}_conv2").output
+        deeper = gating.output if level == 3 else model.get_layer(f"dec{level + 1}_conv2").output
+        assert g is deeper
         skip, _ = model.get_layer(f"dec{level}_concat").input
         assert skip is model.get_layer(f"dec{level}_attention").output
+        # F_int = C_x = 4 * 2**(level - 1), written out, not read from the layer's default
+        assert model.get_layer(f"dec{level}_attention").theta.filters == {2: 8, 3: 16}[level]
+    skip, _ = model.get_layer("dec1_concat").input
+    assert skip is model.get_layer("enc1_conv2").output  # the full-resolution skip is not gated
+    # the gating conv feeds the gate only: the decoder upsamples the bottleneck itself
+    assert model.get_layer("dec3_up").input is model.get_layer("bottleneck_conv2").output
 
 
 def test_attention_unet_with_open_gates_is_the_unet():
@@ -72,13 +98,12 @@ def test_attention_unet_with_open_gates_is_the_unet():
         if layer.weights:
             gated.get_layer(layer.name).set_weights(layer.get_weights())
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype("float32")
-    for level in (1, 2):
-        psi = gated.get_layer(f"dec{level}_attention").psi
-        psi.kernel.assign(np.zeros(psi.kernel.shape, "float32"))
-        psi.bias.assign(np.full((1,), 40.0, "float32"))
+    psi = gated.get_layer("dec2_attention").psi  # depth 2: only level 2 is gated
+    psi.kernel.assign(np.zeros(psi.kernel.shape, "float32"))
+    psi.bias.assign(np.full((1,), 40.0, "float32"))
     expected = keras.ops.convert_to_numpy(plain(x))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(gated(x)), expected, atol=1e-5)
-    psi.bias.assign(np.full((1,), 0.0, "float32"))  # alpha = 1/2 on the first level's skip
+    psi.bias.assign(np.full((1,), 0.0, "float32"))  # alpha = 1/2 on level 2's skip
     assert np.abs(keras.ops.convert_to_numpy(gated(x)) - expected).max() > 1e-3
 
 
@@ -95,6 +120,9 @@ def test_attention_unet_registry_and_backbone():
     assert model.output_shape == (None, 64, 64, 2)
     x, g = model.get_layer("dec4_attention").input
     assert tuple(x.shape) == (None, 4, 4, 256) and tuple(g.shape) == (None, 2, 2, 512)
+    assert model.get_layer("dec4_attention").theta.filters == 256  # F_int = C_x
+    gated = {layer.name for layer in model.layers if isinstance(layer, AttentionGate)}
+    assert gated == {"dec2_attention", "dec3_attention", "dec4_attention"}  # C2..C4
 
 
 @pytest.mark.parametrize(
@@ -105,6 +133,10 @@ def test_attention_unet_registry_and_backbone():
         ({"upsampling": "nearest"}, r"`upsampling`='nearest'"),
         ({"backbone": "vgg16"}, r"AttentionUNet: `backbone`='vgg16' is not a known backbone"),
         ({"padding": "valid"}, r"unexpected keyword argument 'padding'"),
+        ({"attention_levels": (0, 2)}, r"`attention_levels`=\(0, 2\).*levels in 1..4"),
+        ({"attention_levels": "2"}, r"`attention_levels`='2'"),
+        ({"attention_reduction": 0}, r"`attention_reduction` must be a positive integer"),
+        ({"gating_conv": "yes"}, r"`gating_conv` must be True or False"),
     ],
 )
 def test_attention_unet_bad_arguments(kwargs, match):
@@ -157,7 +189,7 @@ def test_resunet_tiny_parameter_count_by_hand():
 
 
 def test_resunet_paper_configuration():
-    """Table 1 (224x224x3, 64..512 filters, 3 stride-2 units): its fifteen 3x3 convolutions hold
+    """Table 1 (224x224x3, 64..512 filters, 3 stride-2 units): its fourteen 3x3 convolutions hold
     7,780,032 weights, the paper's "7.8M"; the 1x1 projections, biases and norms bring the model
     to 8,225,985. Downsampling is by strided convolutions only and the upsampling is
     parameter-free."""
@@ -240,3 +272,30 @@ def test_resunet_bad_arguments(kwargs, match):
     kwargs = {"input_shape": (32, 32, 3), "num_classes": 2, "base_filters": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         ResUNet(**kwargs)
+
+
+def _softmax_ce(labels, logits):
+    z = logits.astype("float64")
+    log_p = z - z.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    return -np.take_along_axis(log_p, labels[..., None], -1)[..., 0].mean(axis=(1, 2))
+
+
+def test_resunet_default_two_classes_train_with_the_default_loss_and_metrics():
+    """num_classes defaults to 2 as UNet's: the default softmax cross-entropy is then the real
+    loss (over one channel it would be identically 0) and MeanIoU(2) takes label 1."""
+    from dlmodels import losses, metrics
+
+    model = ResUNet((16, 16, 3), depth=2, base_filters=2)
+    assert model.output_shape == (None, 16, 16, 2)
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype("float32")
+    labels = (np.random.default_rng(1).uniform(size=(2, 16, 16)) > 0.5).astype("int32")
+    logits = np.asarray(model(x))
+    got = losses.SparseCrossEntropy(reduction=None)(labels, logits)
+    np.testing.assert_allclose(got, _softmax_ce(labels, logits), rtol=1e-5)
+    assert float(np.min(got)) > 0.1
+    one = np.asarray(ResUNet((16, 16, 3), 1, depth=2, base_filters=2)(x))
+    assert float(np.max(losses.SparseCrossEntropy(reduction=None)(labels * 0, one))) == 0.0
+    iou = metrics.MeanIoU(2)
+    iou.update_state(labels, logits)
+    assert 0.0 <= float(iou.result()) <= 1.0
