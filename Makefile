@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test test-fast lint bench clean serving-install-check
+.PHONY: install demo test test-fast lint bench serve clean serving-install-check
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: install
 
 bench: install
 	$(BIN)/dlmodels bench
+
+# Serve what `make demo` exported (or MODEL_REPOSITORY=DIR) on 127.0.0.1:8000.
+serve: install
+	$(BIN)/dlmodels serve --model-repository $(or $(MODEL_REPOSITORY),artifacts)
 
 # A serving-only install in a scratch venv: `.[serving]` must bring no TensorFlow or Keras, yet
 # `python -m serving` runs (with MODEL_REPOSITORY=DIR it also loads and warms up every model).

@@ -30,6 +30,11 @@ def missing_full_install() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int | None:
     args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["serve"]:
+        # The server needs no TensorFlow: `dlmodels serve` works on a serving-only install.
+        from serving.__main__ import main as serve
+
+        return serve(args[1:])
     missing = missing_full_install()
     if missing:
         command = next((a for a in args if not a.startswith("-")), None)

@@ -1,4 +1,5 @@
-"""`dlmodels` command line: models, train, sample, export, verify, quantize, bench, demo.
+"""`dlmodels` command line: models, train, sample, export, verify, quantize, bench, demo,
+serve, launch.
 
 Heavy imports (TensorFlow, onnxruntime) happen inside the commands so `dlmodels --help` is fast.
 
@@ -999,6 +1000,20 @@ def bench_cmd(
         sys.stdout.write(json.dumps(payload["results"], default=str) + "\n")
     else:
         _console().print_json(json.dumps(payload["results"], default=str))
+
+
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def serve_cmd(ctx: typer.Context):
+    """Serve a model repository over the TF Serving REST and KServe v2 protocols
+    (onnxruntime, no TensorFlow): `dlmodels serve --model-repository repo/`; `dlmodels serve
+    --help` for the options. Same as `python -m serving`."""
+    from serving.__main__ import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
 
 
 @app.command(

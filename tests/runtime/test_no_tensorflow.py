@@ -231,7 +231,7 @@ def test_serving_check_reports_a_broken_manifest(tmp_path):
         "sys.argv[1]]))",
         str(tmp_path),
     )
-    assert pending.returncode == 2 and "model-server issue" in pending.stderr
+    assert pending.returncode == 2 and "no servable model" in pending.stderr
 
 
 def test_cli_says_what_to_install_without_tensorflow():

@@ -1,0 +1,471 @@
+"""Load benchmark of the model server with the standard `tritonclient.http` client.
+
+    python -m serving.bench --out benchmarks/results/serving.json --duration 30
+
+For each model (a small CNN and a ResNet-50 at 224x224, random weights, exported once into a
+temporary repository unless `--repository` names one), it measures raw in-process onnxruntime
+throughput (batch 1, back to back, same threads as the server: the reference), then starts the
+real server (`python -m serving`, localhost only) with dynamic batching on and off and drives it
+with `tritonclient.http` threads (one client per thread) at each concurrency, with binary and
+JSON tensors, for `--duration` seconds each (and at most `--max-requests`). Every response is
+checked against the raw onnxruntime output of the same input. It records throughput, its ratio
+to raw onnxruntime, p50/p90/p99 latency, failed requests, mean batch size and where the time
+goes per request (server stages from /metrics: read, decode, queue, infer, encode; the rest of
+the client-observed latency is client and HTTP), plus machine info, load average and every
+setting, and the CPU time per request of the server process and of the client process next
+to the CPU time per inference of raw onnxruntime (on a shared machine CPU time is steadier
+than wall time). Importing this module imports no TensorFlow; only exporting the default
+models (when no `--repository` is given) needs the full dlmodels install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "small_cnn": {"input": (32, 32, 3)},
+    "resnet50": {"input": (224, 224, 3)},
+}
+
+
+def export_models(root: Path, names: list[str]) -> None:
+    """Build and export the benchmark models (needs TensorFlow; not imported otherwise)."""
+    import keras
+
+    import dlmodels
+    from dlmodels import export
+
+    for name in names:
+        keras.utils.set_random_seed(0)
+        if name == "small_cnn":
+            inp = keras.Input((32, 32, 3), name="image")
+            x = inp
+            for i, f in enumerate((16, 32, 64)):
+                x = keras.layers.Conv2D(f, 3, padding="same", activation="relu", name=f"c{i}")(x)
+                x = keras.layers.MaxPooling2D(name=f"p{i}")(x)
+            x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+            out = keras.layers.Dense(10, name="logits")(x)
+            model = keras.Model(inp, out, name="small_cnn")
+        elif name == "resnet50":
+            model = dlmodels.models.ResNet50(input_shape=(224, 224, 3))
+        else:
+            raise ValueError(f"unknown benchmark model {name!r}; known: {list(MODELS)}")
+        shape = MODELS[name]["input"]
+        x = np.random.default_rng(0).uniform(0, 1, (2, *shape)).astype("float32")
+        export.write_repository(model, root / name, samples=x, formats=("onnx",))
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("onnxruntime", "numpy", "fastapi", "uvicorn", "tritonclient", "orjson"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def raw_throughput(model, seconds: float, batch: int = 1) -> dict:
+    """Back-to-back in-process onnxruntime runs of an `OnnxModel` (the reference): items/s
+    and p50 latency."""
+    feeds = example(model, batch, seed=1)
+    for _ in range(3):
+        model.session.run(None, feeds)
+    times = []
+    cpu0 = process_cpu_s()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t = time.perf_counter()
+        model.session.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    cpu = process_cpu_s() - cpu0
+    total = sum(times)
+    return {
+        "batch": batch,
+        "runs": len(times),
+        "cpu_ms_per_item": 1e3 * cpu / (batch * len(times)),
+        "items_per_s": batch * len(times) / total,
+        "p50_ms": 1e3 * float(np.median(times)),
+    }
+
+
+def example(model, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every input of `model` (uniform [0, 1) floats, small integers)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in model.inputs:
+        shape = spec.example_shape(batch)
+        if spec.dtype.startswith("float"):
+            feeds[spec.name] = rng.uniform(0, 1, shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+    return feeds
+
+
+RAW_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+"""What `python -m serving` sets by default; the reference runs with it too."""
+
+_METRIC = re.compile(r"^(dlmodels_\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$")
+
+
+def scrape(url: str) -> dict:
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            key = (m.group(1), labels.get("model"), labels.get("stage"))
+            out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def server_breakdown(before: dict, after: dict, model: str) -> dict:
+    def delta(name, stage=None):
+        key = (name, model, stage)
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    stages = {}
+    for stage in ("read", "decode", "queue", "infer", "encode"):
+        n = delta("dlmodels_stage_duration_seconds_count", stage)
+        if n:
+            stages[stage] = 1e3 * delta("dlmodels_stage_duration_seconds_sum", stage) / n
+    runs = delta("dlmodels_batch_size_count")
+    rows = delta("dlmodels_batch_size_sum")
+    total = delta("dlmodels_request_duration_seconds_count")
+    return {
+        "stage_ms": stages,
+        "server_ms": 1e3 * delta("dlmodels_request_duration_seconds_sum") / total
+        if total
+        else None,
+        "onnxruntime_runs": int(runs),
+        "mean_batch_size": rows / runs if runs else None,
+    }
+
+
+def drive(url, model, feeds, expected, *, concurrency, seconds, binary, max_requests, timeout):
+    """tritonclient.http threads (one client each) sending `feeds` until the time or count
+    runs out; every answer is compared with `expected` (output name -> array)."""
+    import tritonclient.http as th
+
+    from serving._common import NUMPY_TO_V2
+
+    host = url.split("://", 1)[1]
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures: list[str] = []
+    count = [0]
+    stop = time.perf_counter() + seconds
+
+    def worker():
+        client = th.InferenceServerClient(host, connection_timeout=timeout, network_timeout=timeout)
+        inputs = []
+        for name, x in feeds.items():
+            inp = th.InferInput(name, list(x.shape), NUMPY_TO_V2[x.dtype.name])
+            inp.set_data_from_numpy(x, binary_data=binary)
+            inputs.append(inp)
+        out = [th.InferRequestedOutput(n, binary_data=binary) for n in expected]
+        local = []
+        try:
+            while time.perf_counter() < stop:
+                with lock:
+                    if count[0] >= max_requests:
+                        break
+                    count[0] += 1
+                t = time.perf_counter()
+                try:
+                    r = client.infer(model, inputs, outputs=out)
+                    for name, want in expected.items():
+                        got = r.as_numpy(name)
+                        if got is None or not np.allclose(got, want, atol=1e-4):
+                            raise AssertionError(f"{name} differs from raw onnxruntime")
+                except Exception as err:  # counted, never raised: the run must finish
+                    with lock:
+                        failures.append(f"{type(err).__name__}: {err}"[:200])
+                    continue
+                local.append(time.perf_counter() - t)
+        finally:
+            client.close()
+            with lock:
+                latencies.extend(local)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
+    return {
+        "requests": len(latencies) + len(failures),
+        "ok": len(latencies),
+        "failed": len(failures),
+        "failure_examples": sorted(set(failures))[:5],
+        "wall_s": wall,
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "mean_ms": float(np.mean(lat)),
+    }
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one when pid is None)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def start_server(repo: Path, port: int, extra: list[str], threads: int):
+    import httpx
+
+    log = open(repo.parent / f"server-{port}.log", "w")  # noqa: SIM115 (closed by caller)
+    cmd = [sys.executable, "-m", "serving", "--model-repository", str(repo), "--port", str(port)]
+    cmd += ["--threads", str(threads), "--poll-interval", "0", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).is_success:
+                return proc, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready in 300 s; see {log.name}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args) -> dict:
+    from dlmodels.runtime import OnnxModel, default_threads
+
+    threads = args.threads or default_threads()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    scratch = None
+    if args.repository:
+        repo = Path(args.repository)
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+        repo = scratch / "repo"
+        t = time.perf_counter()
+        export_models(repo, models)
+        print(f"exported {models} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    result = {
+        "benchmark": "serving",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "loadavg_start": os.getloadavg(),
+        "settings": {
+            "repository": str(repo),
+            "exported_here": scratch is not None,
+            "duration_s": args.duration,
+            "concurrency": args.concurrency,
+            "encodings": args.encodings,
+            "batching": args.batching,
+            "max_batch_size": args.max_batch_size,
+            "max_queue_delay_ms": args.max_queue_delay_ms,
+            "max_requests_per_cell": args.max_requests,
+            "server_threads": threads,
+            "raw_session_config": RAW_SESSION_CONFIG,
+            "raw_seconds": args.raw_seconds,
+            "client": "tritonclient.http, one InferenceServerClient per thread, batch-1 requests",
+            "server": "python -m serving on 127.0.0.1 (uvicorn), same machine as the client",
+            "reference": "in-process onnxruntime in the benchmark process, batch 1 back to "
+            "back, same threads as the server, measured for raw_seconds right before each cell "
+            "(ratio_vs_raw_b1) and once at the start (ratio_vs_raw_b1_at_start)",
+        },
+        "models": {},
+        "raw_onnxruntime": {},
+        "cells": [],
+    }
+    inputs, expected, refs = {}, {}, {}
+    for m in models:
+        ref = OnnxModel.from_manifest(repo / m, threads=1)
+        path = ref.path
+        # The server's session settings (no spinning): a fair reference on a shared machine.
+        model = refs[m] = OnnxModel(path, threads=threads, session_config=RAW_SESSION_CONFIG)
+        result["models"][m] = {
+            "params": ref.manifest.source_model.get("params"),
+            "class": ref.manifest.source_model.get("class"),
+            "inputs": [t.to_dict() for t in model.inputs],
+            "onnx_bytes": path.stat().st_size,
+        }
+        result["raw_onnxruntime"][m] = {
+            "b1": raw_throughput(model, args.raw_seconds),
+            f"b{args.max_batch_size}": raw_throughput(
+                model, args.raw_seconds, batch=args.max_batch_size
+            ),
+        }
+        inputs[m] = example(model, 1, seed=2)
+        expected[m] = model.run(inputs[m])
+        print(f"raw {m}: {result['raw_onnxruntime'][m]}", file=sys.stderr)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    for batching in args.batching.split(","):
+        port = _free_port()
+        extra = ["--max-batch-size", str(args.max_batch_size)]
+        extra += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+        if batching == "off":
+            extra.append("--no-dynamic-batching")
+        proc, log = start_server(repo, port, extra, threads)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for m in models:
+                for encoding in args.encodings.split(","):
+                    for c in levels:
+                        # The reference again, right before the cell: on a shared machine the
+                        # load moves, and the ratio should compare like with like.
+                        raw_now = raw_throughput(refs[m], args.raw_seconds)
+                        raw = raw_now["items_per_s"]
+                        before = scrape(url)
+                        load = os.getloadavg()
+                        cpu = (process_cpu_s(proc.pid), process_cpu_s())
+                        cell = drive(
+                            url,
+                            m,
+                            inputs[m],
+                            expected[m],
+                            concurrency=c,
+                            seconds=args.duration,
+                            binary=encoding == "binary",
+                            max_requests=args.max_requests,
+                            timeout=60,
+                        )
+                        n_ok = max(cell["ok"], 1)
+                        cell["server_cpu_ms_per_request"] = (
+                            1e3 * (process_cpu_s(proc.pid) - cpu[0]) / n_ok
+                        )
+                        cell["client_cpu_ms_per_request"] = 1e3 * (process_cpu_s() - cpu[1]) / n_ok
+                        cell.update(server_breakdown(before, scrape(url), m))
+                        if cell["server_ms"] is not None:
+                            cell["client_and_http_ms"] = cell["mean_ms"] - cell["server_ms"]
+                        cell.update(
+                            model=m,
+                            batching=batching,
+                            encoding=encoding,
+                            concurrency=c,
+                            raw_b1_before=raw_now,
+                            ratio_vs_raw_b1=cell["requests_per_s"] / raw,
+                            ratio_vs_raw_b1_at_start=cell["requests_per_s"]
+                            / result["raw_onnxruntime"][m]["b1"]["items_per_s"],
+                            loadavg_before=load,
+                        )
+                        result["cells"].append(cell)
+                        print(
+                            f"{m:9s} batching={batching:3s} {encoding:6s} c={c:<3d} "
+                            f"{cell['requests_per_s']:8.1f} req/s "
+                            f"ratio {cell['ratio_vs_raw_b1']:.2f}"
+                            f" p50 {cell['p50_ms']:.2f} p99 {cell['p99_ms']:.2f} ms "
+                            f"failed {cell['failed']} batch {cell['mean_batch_size']}",
+                            file=sys.stderr,
+                        )
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            log.close()
+    result["loadavg_end"] = os.getloadavg()
+    result["failed_total"] = sum(c["failed"] for c in result["cells"])
+    if scratch is not None and not args.keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def markdown(result: dict) -> str:
+    rows = [
+        "| model | batching | tensors | c | req/s | raw ORT b1/s | ratio | p50 ms | p99 ms | "
+        "batch | server ms | client+HTTP ms | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cells"]:
+        server = c.get("server_ms") or 0.0
+        rows.append(
+            f"| {c['model']} | {c['batching']} | {c['encoding']} | {c['concurrency']} | "
+            f"{c['requests_per_s']:.0f} | {c['raw_b1_before']['items_per_s']:.0f} | "
+            f"{c['ratio_vs_raw_b1']:.2f} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
+            f"{c['mean_batch_size'] or 0:.1f} | {server:.2f} | "
+            f"{c.get('client_and_http_ms', 0.0):.2f} | {c['failed']} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
+    p.add_argument(
+        "--repository",
+        default=None,
+        help="an exported repository to serve instead of exporting the default models",
+    )
+    p.add_argument("--models", default="small_cnn,resnet50", help="model names to drive")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per cell")
+    p.add_argument("--concurrency", default="1,16,32")
+    p.add_argument("--encodings", default="binary,json")
+    p.add_argument("--batching", default="on,off")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-queue-delay-ms", type=float, default=1.0)
+    p.add_argument("--max-requests", type=int, default=200_000, help="per cell")
+    p.add_argument("--raw-seconds", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (server, raw)")
+    p.add_argument("--keep", action="store_true", help="keep the exported repository")
+    p.add_argument("--markdown", type=Path, default=None, help="also write a markdown table")
+    args = p.parse_args(argv)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    table = markdown(result)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    print(table)
+    return 1 if result["failed_total"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
