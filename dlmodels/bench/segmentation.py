@@ -173,7 +173,11 @@ def run(
         previous = json.loads(Path(output).read_text())
         done = {r["model"] for r in rows}
         kept = [
-            {**r, "run": {k: previous.get(k) for k in ("created", "load_average_at_end")}}
+            {
+                **r,
+                "run": r.get("run")
+                or {k: previous.get(k) for k in ("created", "load_average_at_end")},
+            }
             for r in previous.get("rows", [])
             if r["model"] not in done
         ]
