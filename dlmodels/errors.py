@@ -5,14 +5,26 @@ promise: the message says what was wrong with the arguments, data, files or mode
 gave, and how to fix it. The `dlmodels` command line reports a UserError (and its subclasses
 `dlmodels.runtime.ManifestError`, `dlmodels.export.UnsupportedOpError`) as one line with exit
 status 2; any other ValueError coming out of Keras, TensorFlow, tf2onnx or onnxruntime is
-treated as an internal error (exit 1). This module imports nothing, so the TensorFlow-free
-runtime can use it.
+treated as an internal error (exit 1). This module imports only the standard library, so the
+TensorFlow-free runtime and server can use it.
 """
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+import argparse
+import sys
+
+__all__ = ["OneLineArgumentParser", "UserError"]
 
 
 class UserError(ValueError):
     """A mistake in what the caller asked for (arguments, data, files, model): fixable by them."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line `error: ...` with exit status 2, as
+    every `dlmodels` command reports them (`dlmodels serve`, `dlmodels launch`)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)

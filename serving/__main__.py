@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from dlmodels.errors import OneLineArgumentParser
 from dlmodels.runtime import ManifestError, OnnxModel, find_manifests, load_manifest
 
 
@@ -73,7 +74,7 @@ def check_repository(root: Path, *, threads: int | None = None, out=sys.stdout) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="python -m serving",
         description="dlmodels model server: TF Serving REST and KServe v2 over onnxruntime "
         "(TensorFlow-free).",

@@ -32,7 +32,7 @@ import threading
 import time
 
 from dlmodels._validation import check_positive_int
-from dlmodels.errors import UserError
+from dlmodels.errors import OneLineArgumentParser, UserError
 
 
 class WorkerFailed(RuntimeError):
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
 
     Returns the exit status (0 on success; the failed worker's status otherwise).
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="dlmodels launch",
         description="Run a training command on N workers with a generated TF_CONFIG.",
     )
