@@ -19,8 +19,8 @@ import pytest
 EXE = Path(sys.executable).with_name("dlmodels")
 
 
-def run(*args, cwd, timeout=600):
-    env = {**os.environ, "COLUMNS": "40", "TF_CPP_MIN_LOG_LEVEL": "2"}
+def run(*args, cwd, timeout=600, columns=200):
+    env = {**os.environ, "COLUMNS": str(columns), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
         [str(EXE), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
         timeout=timeout,
@@ -60,7 +60,7 @@ VERBS = {
     "models": (["models"], ["models", "--nope"], ["--nope"]),
     "sample": (
         ["sample", "{root}/cgan.keras", "--labels", "0,2", "--n", "2", "--output", "{tmp}/g.png"],
-        ["sample", "{root}/cgan.keras", "--labels", "7", "--output", "{tmp}/g.png"],
+        ["sample", "{root}/cgan.keras", "--labels", "7", "--output", "{tmp}/g2.png"],
         ["7"],
     ),
     "quantize": (
@@ -95,7 +95,7 @@ VERBS = {
             "--train-samples",
             "32",
         ],
-        ["demo", "--image-size", "32"],
+        ["demo", "--image-size", "96x"],
         ["--image-size"],
     ),
 }
@@ -110,8 +110,9 @@ def test_verb_success_and_user_error(verb, files, tmp_path):
     ok_args, bad_args, fragments = VERBS[verb]
     ok = run(*_fill(ok_args, files, tmp_path), cwd=tmp_path)
     if verb == "demo":  # tiny settings miss the demo's quality bars: exit 1 with the table
-        assert ok.returncode in (0, 1) and "ONNX int8" in ok.stdout, ok.stderr[-2000:]
-        assert (tmp_path / "demo" / "manifest.json").exists()
+        assert ok.returncode in (0, 1), ok.stderr[-2000:]
+        results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+        assert (tmp_path / "demo" / "manifest.json").exists() and results["rows"]
     else:
         assert ok.returncode == 0, (ok.stdout[-1000:], ok.stderr[-2000:])
     if verb == "models":
@@ -120,5 +121,5 @@ def test_verb_success_and_user_error(verb, files, tmp_path):
         assert json.loads(ok.stdout)
     if verb == "launch":
         assert ok.stdout.count("hello") == 2
-    bad = run(*_fill(bad_args, files, tmp_path), cwd=tmp_path)
+    bad = run(*_fill(bad_args, files, tmp_path), cwd=tmp_path, columns=40)  # no wrapping
     assert_one_line_user_error(bad, *fragments)
