@@ -27,9 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -312,44 +310,15 @@ def openvino_predict(
 
 
 def _run_worker(path: Path, inputs, precision: str):
-    from dlmodels.export.verify import worker_env
+    from dlmodels.export.verify import run_fresh_worker
 
-    if isinstance(inputs, Mapping):
-        feeds = {str(k): np.ascontiguousarray(v) for k, v in inputs.items()}
-    else:
-        arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
-        feeds = {f"input_{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
-    feeds = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feeds.items()}
-    with tempfile.TemporaryDirectory(prefix="dlmodels-ov-") as tmp:
-        in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
-        np.savez(in_path, **feeds)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _BOOT,
-                str(Path(__file__).resolve()),
-                str(path.resolve()),
-                precision,
-                in_path,
-                out_path,
-            ],
-            cwd=tmp,
-            env=worker_env(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"OpenVINO worker failed on {path} (exit {proc.returncode}):\n"
-                f"{proc.stderr.strip()[-3000:]}"
-            )
-        with np.load(out_path) as data:
-            names = [str(n) for n in data["output_names"]]
-            outputs = [data[f"output_{i}"] for i in range(len(names))]
-            tf_loaded = bool(data["tensorflow_loaded"])
-    return outputs, names, tf_loaded
+    command = [sys.executable, "-c", _BOOT, str(Path(__file__).resolve()), str(path.resolve())]
+    return run_fresh_worker(
+        [*command, precision],
+        inputs,
+        what=f"OpenVINO worker failed on {path}",
+        prefix="dlmodels-ov-",
+    )
 
 
 @dataclasses.dataclass

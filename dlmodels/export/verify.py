@@ -112,6 +112,29 @@ def onnx_predict(
 
 
 def _run_worker(path: Path, inputs) -> tuple[list[np.ndarray], list[str], bool]:
+    return run_fresh_worker(
+        [*_WORKER_PYTHON, "-m", _WORKER_MODULE, str(path.resolve())],
+        inputs,
+        what=f"onnxruntime worker failed on {path}",
+        prefix="dlmodels-ort-",
+    )
+
+
+def run_fresh_worker(
+    command: list[str], inputs, *, what: str, prefix: str = "dlmodels-worker-"
+) -> tuple[list[np.ndarray], list[str], bool]:
+    """Run a worker process on `inputs`: `command + [in.npz, out.npz]` in a temp directory.
+
+    The worker (`dlmodels.runtime.worker`, or the OpenVINO one) reads the feeds from `in.npz`
+    and writes `output_names`, `output_<i>` and `tensorflow_loaded` to `out.npz`.
+
+    Returns:
+        `(outputs, output names, whether the worker had TensorFlow loaded)`.
+
+    Raises:
+        RuntimeError: the worker failed; the message starts with `what` and ends with its
+            stderr.
+    """
     # Arrays travel by name when the caller named them, else by position (`input_0`, ...); the
     # worker maps them onto its graph inputs, so this process never has to open the model.
     if isinstance(inputs, Mapping):
@@ -120,11 +143,11 @@ def _run_worker(path: Path, inputs) -> tuple[list[np.ndarray], list[str], bool]:
         arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
         feeds = {f"input_{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
     feeds = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feeds.items()}
-    with tempfile.TemporaryDirectory(prefix="dlmodels-ort-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         np.savez(in_path, **feeds)
         proc = subprocess.run(
-            [*_WORKER_PYTHON, "-m", _WORKER_MODULE, str(path.resolve()), in_path, out_path],
+            [*command, in_path, out_path],
             cwd=tmp,
             env=worker_env(),
             capture_output=True,
@@ -132,10 +155,7 @@ def _run_worker(path: Path, inputs) -> tuple[list[np.ndarray], list[str], bool]:
             check=False,
         )
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"onnxruntime worker failed on {path} (exit {proc.returncode}):\n"
-                f"{proc.stderr.strip()[-3000:]}"
-            )
+            raise RuntimeError(f"{what} (exit {proc.returncode}):\n{proc.stderr.strip()[-3000:]}")
         with np.load(out_path) as data:
             out_names = [str(n) for n in data["output_names"]]
             outputs = [data[f"output_{i}"] for i in range(len(out_names))]
