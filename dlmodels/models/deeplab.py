@@ -173,12 +173,34 @@ def _separable_conv(x, filters, prefix, norm, activation):
     return ConvNormAct(filters, 1, norm=norm, activation=activation, name=f"{prefix}_pointwise")(x)
 
 
-def _aspp(
-    features, output_stride, rates, aspp_filters, norm, activation, dropout, separable, owner
+def _encoder(
+    inputs,
+    backbone,
+    output_stride,
+    multigrid,
+    backbone_kwargs,
+    rates,
+    aspp_filters,
+    *,
+    norm,
+    activation,
+    dropout,
+    separable,
+    owner,
 ):
+    """DeepLabv3's encoder, shared by both models: the (dilated) backbone's features C1..C5
+    and ASPP on C5. Returns (features, aspp_output)."""
+    features, _ = build_backbone(
+        backbone,
+        inputs,
+        output_stride=output_stride,
+        multigrid=resolve_multigrid(backbone, multigrid, owner=owner),
+        backbone_kwargs=_backbone_kwargs(backbone, backbone_kwargs, norm),
+        owner=owner,
+    )
     rates = rates_for_output_stride(output_stride) if rates is None else rates
     aspp_filters = check_positive_int("aspp_filters", aspp_filters, owner=owner)
-    return ASPP(
+    x = ASPP(
         aspp_filters,
         rates,
         norm=norm,
@@ -187,6 +209,7 @@ def _aspp(
         separable=separable,
         name="aspp",
     )(features["C5"])
+    return features, x
 
 
 @register("deeplabv3", task="segmentation", paper=DEEPLABV3_PAPER)
@@ -245,16 +268,19 @@ def DeepLabV3(
         owner, input_shape, num_classes, output_stride, norm, activation, final_activation
     )
     inputs = keras.Input(shape=shape, name="image")
-    features, _ = build_backbone(
-        backbone,
+    _, x = _encoder(
         inputs,
-        output_stride=output_stride,
-        multigrid=resolve_multigrid(backbone, multigrid, owner=owner),
-        backbone_kwargs=_backbone_kwargs(backbone, backbone_kwargs, norm),
+        backbone,
+        output_stride,
+        multigrid,
+        backbone_kwargs,
+        rates,
+        aspp_filters,
+        norm=norm,
+        activation=activation,
+        dropout=dropout,
+        separable=separable,
         owner=owner,
-    )
-    x = _aspp(
-        features, output_stride, rates, aspp_filters, norm, activation, dropout, separable, owner
     )
     outputs = logits_head(x, num_classes, inputs, final_activation)
     return keras.Model(inputs, outputs, name=name)
@@ -314,16 +340,19 @@ def DeepLabV3Plus(
     low_level_filters = check_positive_int("low_level_filters", low_level_filters, owner=owner)
     decoder_filters = check_positive_int("decoder_filters", decoder_filters, owner=owner)
     inputs = keras.Input(shape=shape, name="image")
-    features, _ = build_backbone(
-        backbone,
+    features, x = _encoder(
         inputs,
-        output_stride=output_stride,
-        multigrid=resolve_multigrid(backbone, multigrid, owner=owner),
-        backbone_kwargs=_backbone_kwargs(backbone, backbone_kwargs, norm),
+        backbone,
+        output_stride,
+        multigrid,
+        backbone_kwargs,
+        rates,
+        aspp_filters,
+        norm=norm,
+        activation=activation,
+        dropout=dropout,
+        separable=separable,
         owner=owner,
-    )
-    x = _aspp(
-        features, output_stride, rates, aspp_filters, norm, activation, dropout, separable, owner
     )
     conv_kwargs = {"norm": norm, "activation": activation}
     low = ConvNormAct(low_level_filters, 1, name="decoder_low_level", **conv_kwargs)(features["C2"])
