@@ -7,6 +7,8 @@
     write_repository                      all of the above for any functional model, one call
     to_fp16 / verify_fp16                 ONNX float16 (Resize & co kept fp32)
     to_openvino / OpenVINOModel / verify_openvino   OpenVINO IR, f32 / bf16 / int8 (optional extra)
+    to_litert / LiteRTModel / verify_litert   LiteRT fp32 / fp16 / int8 (ai-edge-litert, optional)
+    simplify_onnx                         onnxslim simplification, parity re-checked
     write_triton_repository / write_tfserving_base_path   serving layouts from a repository
 
 Every writer refuses an existing target unless `overwrite=True`, and a failed export leaves
@@ -22,15 +24,25 @@ from dlmodels.export.fp16 import (
 )
 from dlmodels.export.keras_format import to_keras
 from dlmodels.export.layouts import write_tfserving_base_path, write_triton_repository
+from dlmodels.export.litert import LiteRTConversionError, LiteRTModel, to_litert, verify_litert
 from dlmodels.export.manifest import (
     ArtifactEntry,
+    artifact_sha256,
     artifact_size,
     model_output_kinds,
     model_task,
     tool_versions,
     write_manifest,
 )
-from dlmodels.export.onnx import DEFAULT_OPSET, UnsupportedOpError, onnx_io, to_onnx
+from dlmodels.export.onnx import (
+    DEFAULT_OPSET,
+    SimplificationError,
+    UnsupportedOpError,
+    check_opset,
+    onnx_io,
+    simplify_onnx,
+    to_onnx,
+)
 from dlmodels.export.onnx_rnn import (
     NativeRNNError,
     OpAssertionError,
@@ -76,16 +88,21 @@ __all__ = [
     "ArrayCalibrationReader",
     "ArtifactEntry",
     "ArtifactResult",
+    "LiteRTConversionError",
+    "LiteRTModel",
     "NativeRNNError",
     "OpAssertionError",
     "OpenVINOModel",
     "QuantizeReport",
     "RepositoryReport",
+    "SimplificationError",
     "UnsupportedOpError",
     "VerificationError",
     "VerifyReport",
+    "artifact_sha256",
     "artifact_size",
     "assert_ops",
+    "check_opset",
     "compare_outputs",
     "default_reduce_range",
     "fp16_fallback_ops",
@@ -100,14 +117,17 @@ __all__ = [
     "quantize_with_report",
     "replace_rnn_loops",
     "sample_dict",
+    "simplify_onnx",
     "to_fp16",
     "to_keras",
+    "to_litert",
     "to_onnx",
     "to_openvino",
     "to_saved_model",
     "tool_versions",
     "verify",
     "verify_fp16",
+    "verify_litert",
     "verify_openvino",
     "write_manifest",
     "write_repository",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -15,7 +16,20 @@ from dlmodels.errors import UserError
 from dlmodels.export._atomic import atomic_write_text
 from dlmodels.runtime.manifest import MANIFEST_VERSION, ONNX_FORMATS
 
-_TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "dlmodels")
+_TOOLS = (
+    "tensorflow",
+    "keras",
+    "tf2onnx",
+    "onnx",
+    "onnxruntime",
+    "numpy",
+    "dlmodels",
+    "onnxslim",
+    "ai-edge-litert",
+)
+
+LITERT_FORMATS = ("litert", "litert_fp16", "litert_int8")
+"""Artifact formats that are LiteRT flatbuffers (`.tflite`, run with ai-edge-litert)."""
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -40,6 +54,29 @@ def artifact_size(path: str | os.PathLike) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of an artifact: of the file's bytes, or for a directory (SavedModel) of the
+    lines `<relative posix path> <file sha256>` of every file in it, sorted by path (so the
+    digest changes when any file is renamed, added, removed or altered)."""
+    path = Path(path)
+    if not path.is_dir():
+        return _file_sha256(path)
+    lines = sorted(
+        f"{p.relative_to(path).as_posix()} {_file_sha256(p)}\n"
+        for p in path.rglob("*")
+        if p.is_file()
+    )
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
 def _keras_io(model) -> dict:
@@ -82,6 +119,10 @@ def describe_io(path: str | os.PathLike, fmt: str, model=None) -> dict:
         return onnx_io(path)
     if fmt == "saved_model":
         return _saved_model_io(path)
+    if fmt in LITERT_FORMATS or path.suffix == ".tflite":
+        from dlmodels.export.litert import litert_io
+
+        return litert_io(path)
     if model is not None:
         return _keras_io(model)
     return {}
@@ -142,6 +183,8 @@ class ArtifactEntry:
         task: "segmentation", "classification" or None (parity only); None: read from `model`.
         num_classes: class count when the task has classes; None: read from `model`.
         quantization: quantization settings (`QuantizeReport.settings()`) for quantized files.
+        simplification: for a simplified ONNX file, `SimplifyReport.settings()` (tool, node
+            counts before/after, parity of the simplified graph).
     """
 
     format: str
@@ -156,6 +199,7 @@ class ArtifactEntry:
     task: str | None = None
     num_classes: int | None = None
     quantization: dict[str, Any] | None = None
+    simplification: dict[str, Any] | None = None
 
 
 def model_output_kinds(model) -> dict[str, str]:
@@ -232,6 +276,7 @@ def build_manifest(path: Path, entries: list[ArtifactEntry], model=None) -> dict
                 "format": e.format,
                 "path": os.path.relpath(p.resolve(), root),
                 "size_bytes": artifact_size(p),
+                "sha256": artifact_sha256(p),
                 **io,
                 "task": e.task if e.task is not None else default_task,
                 "num_classes": e.num_classes if e.num_classes is not None else default_classes,
@@ -242,6 +287,7 @@ def build_manifest(path: Path, entries: list[ArtifactEntry], model=None) -> dict
                     "artifact": e.metric_after,
                 },
                 **({"quantization": e.quantization} if e.quantization is not None else {}),
+                **({"simplification": e.simplification} if e.simplification is not None else {}),
                 **({"extra": e.extra} if e.extra else {}),
             }
         )
@@ -267,13 +313,16 @@ def write_manifest(
 ) -> Path:
     """Write manifest.json describing exported artifacts, atomically.
 
-    Per artifact: format, path relative to the manifest, size in bytes, input/output names,
+    Per artifact: format, path relative to the manifest, size in bytes, SHA-256
+    (`artifact_sha256`), input/output names,
     shapes and dtypes read from the artifact (each output also carries `output_kind`: "logits",
     "softmax", "sigmoid" or "unknown", so a client knows whether it receives probabilities),
     `task` and `num_classes` (None when unknown), parity vs Keras, the task metric before
-    (Keras) and after (artifact), and for quantized files the `quantization` settings. Once per
+    (Keras) and after (artifact), for quantized files the `quantization` settings, and for
+    simplified ONNX files the `simplification` (tool, node counts before/after). Once per
     manifest: the source model (name, class, params, config), tool versions (tensorflow, keras,
-    tf2onnx, onnx, onnxruntime, dlmodels, python) and a UTC timestamp.
+    tf2onnx, onnx, onnxruntime, numpy, dlmodels, onnxslim, ai-edge-litert (None when not
+    installed), python) and a UTC timestamp.
 
     Args:
         path: the manifest file (conventionally `<artifact dir>/manifest.json`).

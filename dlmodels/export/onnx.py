@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import os
 from pathlib import Path
 
@@ -23,6 +25,16 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 """tf2onnx 1.17 supports opsets up to 18; 17 is what current onnxruntime builds run everywhere."""
+
+MIN_OPSET = 13
+"""Lowest opset `to_onnx` writes: native ONNX GRU / LSTM / RNN nodes, per-axis QDQ
+quantization and the Split/Squeeze/Reduce* input forms all need opset 13 or later."""
+
+MAX_OPSET = 18
+"""Highest opset tf2onnx 1.17 converts to."""
+
+SIMPLIFY_ATOL = 1e-4
+"""Default parity bar of a simplified graph against Keras (the fp32 bar)."""
 
 BATCH_DIM = "batch"
 """dim_param given to the leading dimension of every graph input and output."""
@@ -137,6 +149,27 @@ def _fix_names(model_proto: onnx.ModelProto, want_in: list[str], want_out: list[
             dims[0].dim_param = BATCH_DIM
 
 
+def check_opset(opset) -> int:
+    """Return `opset` as an int if MIN_OPSET <= opset <= MAX_OPSET, else raise a UserError."""
+    try:
+        if isinstance(opset, bool):
+            raise TypeError
+        value = operator.index(opset)
+    except TypeError:
+        raise UserError(
+            f"opset={opset!r} is not an integer; choose one of {MIN_OPSET}..{MAX_OPSET} "
+            f"({DEFAULT_OPSET} by default)."
+        ) from None
+    if not MIN_OPSET <= value <= MAX_OPSET:
+        raise UserError(
+            f"opset={value} is out of range: dlmodels exports ONNX opsets {MIN_OPSET}..{MAX_OPSET} "
+            f"(tf2onnx 1.17 converts up to {MAX_OPSET}; native recurrent nodes and per-channel "
+            f"int8 need >= {MIN_OPSET}). Pass opset={DEFAULT_OPSET} (the default) or another in "
+            "that range."
+        )
+    return value
+
+
 def _native_rnn_plan(source, name: str, opset: int) -> bool:
     """Whether `to_onnx` builds native recurrent nodes for `source`: it has recurrent layers (a
     cheap walk over its layers; models without any keep the plain path) and opset >= 13.
@@ -178,6 +211,9 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     native_rnn: bool = True,
+    simplify: bool = False,
+    samples=None,
+    simplify_atol: float = SIMPLIFY_ATOL,
 ) -> Path:
     """Convert `model` to an ONNX file whose graph reads like the Keras model.
 
@@ -193,7 +229,8 @@ def to_onnx(
     Args:
         model: a functional Keras model (1..n inputs, 1..n outputs).
         path: destination `.onnx` file; parent directories are created.
-        opset: ONNX opset (tf2onnx 1.17 supports up to 18).
+        opset: ONNX opset, MIN_OPSET..MAX_OPSET (13..18; 17 by default). Anything else raises
+            before any work.
         overwrite: replace an existing file. Without it an existing `path` raises
             FileExistsError before anything is converted.
         native_rnn: export Keras GRU / LSTM / SimpleRNN layers (also in Bidirectional, masked
@@ -202,6 +239,12 @@ def to_onnx(
             single conversion. Layers the native ops cannot express (e.g. hard_sigmoid, selu,
             layer-norm cells) stay tf2onnx Loops with a logged warning. False keeps tf2onnx's
             graph as it comes. Models without recurrent layers take the plain path either way.
+        simplify: after writing, simplify the graph with onnxslim and keep the result only if
+            it passes onnx.checker, strict shape inference and parity with Keras on `samples`
+            (`simplify_onnx`); otherwise SimplificationError, with the unsimplified file kept.
+        samples: parity inputs for `simplify` (one array, a list in input order or a dict by
+            input name); None: a few seeded random inputs.
+        simplify_atol: parity bar of the simplified graph against Keras.
 
     Returns:
         The path written.
@@ -214,9 +257,8 @@ def to_onnx(
     """
     model = as_functional(model)
     path = Path(path)
+    opset = check_opset(opset)
     check_target(path, overwrite=overwrite)
-    if not 7 <= int(opset) <= 18:
-        raise UserError(f"opset must be between 7 and 18 for tf2onnx 1.17, got {opset}.")
     want_in, want_out = input_names(model), output_names(model)
     source = float32_copy(model)
     if source is not model:
@@ -245,7 +287,190 @@ def to_onnx(
     _check_types(model_proto, getattr(model, "name", "model"))
     with atomic_path(path, overwrite=overwrite) as tmp:
         onnx.save(model_proto, str(tmp))
+    if simplify:
+        simplify_onnx(model, path, samples=samples, atol=simplify_atol)
     return path
+
+
+# -- simplification --------------------------------------------------------------------------
+
+
+class SimplificationError(RuntimeError):
+    """The simplified graph failed a check (checker, shape inference, IO names or parity); the
+    unsimplified file is kept."""
+
+
+@dataclasses.dataclass
+class SimplifyReport:
+    """What `simplify_onnx` did.
+
+    Attributes:
+        path: the ONNX file (now simplified).
+        tool: "onnxslim <version>".
+        nodes_before / nodes_after: graph node counts (main graph) around the simplification.
+        max_abs_error: max |simplified - Keras| on the parity samples.
+        max_abs_error_before: max |unsimplified - Keras| on the same samples.
+        atol: the parity bar.
+        n_samples: parity samples.
+    """
+
+    path: Path
+    tool: str
+    nodes_before: int
+    nodes_after: int
+    max_abs_error: float
+    max_abs_error_before: float
+    atol: float
+    n_samples: int
+
+    def settings(self) -> dict:
+        """The manifest's `simplification` entry."""
+        return {
+            "tool": self.tool,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "max_abs_error_vs_keras": self.max_abs_error,
+            "max_abs_error_vs_keras_before": self.max_abs_error_before,
+            "atol": self.atol,
+            "n_samples": self.n_samples,
+        }
+
+
+def _onnxslim():
+    try:
+        import onnxslim
+    except ImportError as err:
+        raise UserError(
+            "simplify=True needs onnxslim, which is not installed: `pip install onnxslim` "
+            '(it comes with `pip install "dlmodels[tf]"`).'
+        ) from err
+    return onnxslim
+
+
+def _parity_samples(model, samples) -> dict:
+    import numpy as np
+
+    if samples is not None:
+        from dlmodels.export.repository import sample_dict
+
+        return sample_dict(model, samples)
+    # Seeded stand-ins: image-like floats, index 0 for integer inputs (valid for any Embedding).
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in model.inputs:
+        shape = (2, *(16 if d is None else int(d) for d in tuple(t.shape)[1:]))
+        dtype = np.dtype(str(t.dtype))
+        if np.issubdtype(dtype, np.floating):
+            feeds[t.name] = rng.uniform(0, 1, shape).astype(dtype)
+        else:
+            feeds[t.name] = np.zeros(shape, dtype)
+    return feeds
+
+
+def _ort_outputs(model_proto: onnx.ModelProto, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def simplify_onnx(
+    model,
+    path: str | os.PathLike,
+    *,
+    samples=None,
+    atol: float = SIMPLIFY_ATOL,
+) -> SimplifyReport:
+    """Simplify an ONNX file written by `to_onnx` with onnxslim, keeping it only if still exact.
+
+    onnxslim (pure Python) folds constants, removes identity and dead nodes and fuses
+    patterns. The simplified graph must keep the graph input/output names, pass
+    `onnx.checker` and strict shape inference, and match the Keras model (its float32 clone,
+    what the graph was traced from) to `atol` on `samples`, run in onnxruntime; then it
+    replaces `path` atomically and records `dlmodels.simplified_by` in the file's metadata.
+
+    Args:
+        model: the Keras model the file was exported from.
+        path: the ONNX file, replaced in place.
+        samples: parity inputs (one array, a list in input order, a dict by input name);
+            None: two seeded random inputs.
+        atol: parity bar against Keras.
+
+    Returns:
+        A SimplifyReport (node counts before/after, parity).
+
+    Raises:
+        SimplificationError: a check failed; the message says which, and `path` still holds
+            the unsimplified graph.
+    """
+    import math
+
+    from dlmodels.export.verify import compare_outputs, keras_outputs
+
+    model = as_functional(model)
+    path = Path(path)
+    slim_mod = _onnxslim()
+    proto = onnx.load(str(path))
+    before = len(proto.graph.node)
+    name = getattr(model, "name", "model")
+    kept = f"the unsimplified file {path} is kept"
+    try:
+        slim = slim_mod.slim(onnx.ModelProto.FromString(proto.SerializeToString()))
+    except Exception as err:
+        raise SimplificationError(
+            f"onnxslim failed on {path} ({type(err).__name__}: {err}); {kept}"
+        ) from err
+    io_before = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+    io_after = ([i.name for i in slim.graph.input], [o.name for o in slim.graph.output])
+    if io_before != io_after:
+        raise SimplificationError(
+            f"onnxslim renamed the graph IO of {path} from {io_before} to {io_after}; {kept}"
+        )
+    try:
+        onnx.checker.check_model(slim)
+        _check_types(slim, name)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        raise SimplificationError(
+            f"the simplified graph of {path} fails onnx.checker / shape inference ({err}); {kept}"
+        ) from err
+    feeds = _parity_samples(model, samples)
+    expected = keras_outputs(float32_copy(model), feeds)
+    err_before = compare_outputs(expected, _ort_outputs(proto, feeds), where=str(path))[0]
+    try:
+        got = _ort_outputs(slim, feeds)
+    except Exception as err:
+        raise SimplificationError(
+            f"onnxruntime cannot run the simplified graph of {path} "
+            f"({type(err).__name__}: {err}); {kept}"
+        ) from err
+    err_after = compare_outputs(expected, got, where=f"{path} (simplified)")[0]
+    if not math.isfinite(err_after) or err_after > atol:
+        raise SimplificationError(
+            f"simplifying {path} with onnxslim broke parity with Keras: max |err| "
+            f"{err_after:.3e} > atol {atol:g} (unsimplified: {err_before:.3e}); {kept}. "
+            "Export with simplify=False."
+        )
+    tool = f"onnxslim {getattr(slim_mod, '__version__', '?')}"
+    meta = {p.key: p.value for p in slim.metadata_props}
+    meta.update({"dlmodels.simplified_by": tool, "dlmodels.nodes_before": str(before)})
+    onnx.helper.set_model_props(slim, meta)
+    with atomic_path(path, overwrite=True) as tmp:
+        onnx.save(slim, str(tmp))
+    return SimplifyReport(
+        path=path,
+        tool=tool,
+        nodes_before=before,
+        nodes_after=len(slim.graph.node),
+        max_abs_error=float(err_after),
+        max_abs_error_before=float(err_before),
+        atol=float(atol),
+        n_samples=len(next(iter(feeds.values()))),
+    )
 
 
 def onnx_io(path: str | os.PathLike) -> dict:

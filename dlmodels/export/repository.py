@@ -1,9 +1,10 @@
 """One export pipeline for any functional Keras model: write, verify, describe.
 
-`write_repository` writes each requested artifact (.keras, SavedModel, ONNX, static int8 ONNX)
-atomically into one directory, checks every one of them against the Keras model on the caller's
-samples by running the artifact itself (the `.keras` file is reloaded, the SavedModel loaded,
-ONNX files run in a fresh onnxruntime process), computes the caller's metric on Keras and on each
+`write_repository` writes each requested artifact (.keras, SavedModel, ONNX, static int8 ONNX,
+fp16 ONNX, LiteRT fp32 / fp16 / int8) atomically into one directory, checks every one of them
+against the Keras model on the caller's samples by running the artifact itself (the `.keras`
+file is reloaded, the SavedModel loaded, ONNX files run in a fresh onnxruntime process, LiteRT
+files in a fresh ai-edge-litert process), computes the caller's metric on Keras and on each
 artifact, optionally times them side by side, and writes one manifest.json. The demo, the CLI
 and notebooks all go through it; it imports no data set: samples, labels, calibration data and
 the metric come from the caller.
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dlmodels._progress import track
 from dlmodels.errors import UserError
 from dlmodels.export._atomic import check_target
 from dlmodels.export.manifest import (
@@ -29,14 +31,26 @@ from dlmodels.export.manifest import (
     model_task,
     write_manifest,
 )
-from dlmodels.export.onnx import DEFAULT_OPSET
+from dlmodels.export.onnx import DEFAULT_OPSET, check_opset
 from dlmodels.runtime.manifest import MANIFEST_FILENAME
 
-FORMATS = ("keras", "saved_model", "onnx", "int8", "fp16")
+FORMATS = (
+    "keras",
+    "saved_model",
+    "onnx",
+    "int8",
+    "fp16",
+    "litert",
+    "litert_fp16",
+    "litert_int8",
+)
 """Formats `write_repository` can write, in the order it writes them."""
 
 DEFAULT_FORMATS = ("keras", "saved_model", "onnx", "int8")
-"""What `write_repository` writes unless told otherwise (fp16 only on request)."""
+"""What `write_repository` writes unless told otherwise (fp16 and LiteRT only on request)."""
+
+LITERT_PRECISIONS = {"litert": "fp32", "litert_fp16": "fp16", "litert_int8": "int8"}
+"""LiteRT format -> `to_litert` precision (opt-in formats; they need ai-edge-litert)."""
 
 ARTIFACT_PATHS = {
     "keras": "model.keras",
@@ -44,6 +58,9 @@ ARTIFACT_PATHS = {
     "onnx": "model.onnx",
     "int8": "model.int8.onnx",
     "fp16": "model.fp16.onnx",
+    "litert": "model.tflite",
+    "litert_fp16": "model.fp16.tflite",
+    "litert_int8": "model.int8.tflite",
 }
 """Where each format goes, relative to the output directory (SavedModel in a TF Serving
 version directory)."""
@@ -54,6 +71,9 @@ ARTIFACT_NAMES = {
     "onnx": "ONNX fp32",
     "int8": "ONNX int8",
     "fp16": "ONNX fp16",
+    "litert": "LiteRT fp32",
+    "litert_fp16": "LiteRT fp16",
+    "litert_int8": "LiteRT int8",
 }
 """Display names used in tables and in the manifest's `extra.artifact`."""
 
@@ -67,6 +87,9 @@ _METHODS = {
     "onnx": "onnxruntime CPU in a fresh process",
     "int8": "onnxruntime CPU in a fresh process",
     "fp16": "onnxruntime CPU in a fresh process",
+    "litert": "ai_edge_litert Interpreter (serving_default) in a fresh process",
+    "litert_fp16": "ai_edge_litert Interpreter (serving_default) in a fresh process",
+    "litert_int8": "ai_edge_litert Interpreter (serving_default) in a fresh process",
 }
 
 
@@ -75,8 +98,8 @@ class ArtifactResult:
     """One written and verified artifact.
 
     Attributes:
-        format: "keras", "saved_model", "onnx" or "int8".
-        artifact: display name (".keras file", "SavedModel", "ONNX fp32", "ONNX int8").
+        format: one of FORMATS ("keras", "saved_model", "onnx", "int8", "fp16", "litert", ...).
+        artifact: display name (ARTIFACT_NAMES: ".keras file", "ONNX int8", "LiteRT fp16", ...).
         path: the file or directory written.
         size_bytes: bytes on disk.
         max_abs_error / mean_abs_error: |artifact - keras| over every output element.
@@ -86,7 +109,9 @@ class ArtifactResult:
         judged_by: the bar, in words.
         method: how the artifact was run.
         n_samples: samples compared.
-        quantization: settings of a quantized file (`QuantizeReport.settings()`).
+        quantization: settings of a quantized file (`QuantizeReport.settings()`; for LiteRT
+            int8 the converter settings and calibration sample count).
+        simplification: for a simplified ONNX file, `SimplifyReport.settings()`.
         p50_ms / speedup_vs_keras: batch-1 latency and Keras p50 / this p50, when benchmarked.
     """
 
@@ -103,6 +128,7 @@ class ArtifactResult:
     method: str
     n_samples: int
     quantization: dict[str, Any] | None = None
+    simplification: dict[str, Any] | None = None
     p50_ms: float | None = None
     speedup_vs_keras: float | None = None
 
@@ -342,6 +368,7 @@ def write_repository(
     metric_name: str | None = None,
     calibration=None,
     opset: int = DEFAULT_OPSET,
+    simplify: bool = False,
     atol: float = 1e-4,
     fp16_atol: float = 1e-2,
     int8_max_metric_drop: float = 0.01,
@@ -363,12 +390,16 @@ def write_repository(
     several outputs. Each artifact is written atomically and then run on `samples`:
     the `.keras` file is reloaded (`keras.saving.load_model(safe_mode=True)`), the SavedModel
     loaded and called through `serving_default`, ONNX files run in a fresh onnxruntime process
-    (`verify`). fp32 artifacts pass when max |artifact - keras| <= `atol`; the int8 file passes
-    when its argmax agreement with Keras is >= `int8_min_agreement` (outputs with more than one
-    channel) and the metric drops by at most `int8_max_metric_drop` (when a metric is given).
-    When "int8" is asked for without "onnx", the fp32 ONNX file is made in a temp directory.
+    (`verify`), LiteRT files in a fresh ai-edge-litert process (`verify_litert`). fp32
+    artifacts pass when max |artifact - keras| <= `atol`, fp16 ones (ONNX and LiteRT) when it is
+    <= `fp16_atol`; int8 files (ONNX and LiteRT) pass when their argmax agreement with Keras is
+    >= `int8_min_agreement` (outputs with more than one channel) and the metric drops by at most
+    `int8_max_metric_drop` (when a metric is given). When "int8" or "fp16" is asked for without
+    "onnx", the fp32 ONNX file is made in a temp directory; the LiteRT formats are converted from
+    one SavedModel of the model's float32 clone, written to a temp directory.
 
-    All targets are checked before any work: with `overwrite=False` an existing artifact or
+    All arguments and targets are checked before any work (formats, samples, opset, the
+    optional packages the formats need): with `overwrite=False` an existing artifact or
     manifest raises FileExistsError and nothing is written. With `overwrite=True` an existing
     manifest.json is removed before the first artifact is replaced, so the directory never holds
     a manifest that does not describe its files. If an export fails half-way, the artifacts
@@ -376,25 +407,34 @@ def write_repository(
 
     Args:
         model: a functional Keras model (for subclassed models export functional sub-models).
-        output_dir: directory for the artifacts (`model.keras`, `saved_model/1`, `model.onnx`,
-            `model.int8.onnx`) and `manifest.json`.
+        output_dir: directory for the artifacts (ARTIFACT_PATHS: `model.keras`,
+            `saved_model/1`, `model.onnx`, `model.int8.onnx`, `model.fp16.onnx`, `model.tflite`,
+            `model.fp16.tflite`, `model.int8.tflite`) and `manifest.json`.
         samples: verification inputs: one array, a list in `model.inputs` order, or a dict by
             input name, each with a batch axis.
         formats: subset of FORMATS (a sequence, or a comma-separated string); default
-            DEFAULT_FORMATS ("fp16" on request: `model.fp16.onnx`, see `dlmodels.export.fp16`).
+            DEFAULT_FORMATS. On request: "fp16" (`dlmodels.export.fp16`) and "litert",
+            "litert_fp16", "litert_int8" (`dlmodels.export.litert`, needs ai-edge-litert).
         labels: ground truth for `metric`, in whatever form `metric` takes.
         metric: `metric(labels, outputs) -> float`, outputs being the single output array (or a
             list in `model.output_names` order); computed on Keras and on every artifact.
         metric_name: what the metric is called in the manifest ("miou", "accuracy").
-        calibration: int8 calibration data (see `quantize_with_report`); default: `samples`.
-            Calibrating on the verification samples flatters int8; pass separate data.
-        opset: ONNX opset.
+        calibration: int8 calibration data for ONNX int8 and LiteRT int8 (see
+            `quantize_with_report`); default: `samples`. Calibrating on the verification
+            samples flatters int8; pass separate data.
+        opset: ONNX opset, 13..18 (`check_opset`).
+        simplify: simplify the ONNX graph with onnxslim before it is verified (and before int8 /
+            fp16 are made from it); kept only when it passes the checker, shape inference and
+            parity with Keras on `samples` (`simplify_onnx`), else SimplificationError with the
+            unsimplified file kept. Node counts before/after go to the manifest.
         atol: parity bar of the fp32 artifacts.
-        fp16_atol: parity bar of the fp16 file (`dlmodels.export.fp16.FP16_ATOL`).
-        int8_max_metric_drop: largest tolerated `keras metric - int8 metric`.
-        int8_min_agreement: smallest tolerated argmax agreement of the int8 file.
+        fp16_atol: parity bar of the fp16 files (`dlmodels.export.fp16.FP16_ATOL`,
+            `dlmodels.export.litert.TOLERANCES["fp16"]`).
+        int8_max_metric_drop: largest tolerated `keras metric - int8 metric` (ONNX and LiteRT).
+        int8_min_agreement: smallest tolerated argmax agreement of the int8 files.
         per_channel / reduce_range / max_calibration_samples: static int8 settings
-            (reduce_range None: chosen from this CPU, see `default_reduce_range`).
+            (reduce_range None: chosen from this CPU, see `default_reduce_range`);
+            max_calibration_samples also caps the LiteRT representative dataset.
         task / num_classes: recorded in the manifest; None: read from the model's first output
             (rank 4 with C > 1: segmentation, rank 2: classification).
         benchmark: time batch-1 latency of Keras and each artifact side by side (off by
@@ -408,8 +448,11 @@ def write_repository(
 
     Raises:
         ValueError: unknown formats, samples that do not match the model's inputs, a metric
-            without labels.
+            without labels, an opset outside 13..18, ai-edge-litert (LiteRT formats) or
+            onnxslim (simplify) not installed.
         FileExistsError: a target exists and `overwrite` is False.
+        SimplificationError: the simplified ONNX graph failed a check.
+        LiteRTConversionError: the TFLite converter cannot lower an op (names op and layer).
     """
     from dlmodels import export
     from dlmodels.export._signature import as_functional
@@ -424,6 +467,15 @@ def write_repository(
         )
     if int8_min_agreement is not None and not 0.0 <= int8_min_agreement <= 1.0:
         raise UserError(f"int8_min_agreement must be in [0, 1], got {int8_min_agreement}")
+    opset = check_opset(opset)
+    if any(f in LITERT_PRECISIONS for f in wanted):
+        from dlmodels.export.litert import _interpreter_module
+
+        _interpreter_module()  # names the extra before anything is written
+    if simplify and any(f in ("onnx", "int8", "fp16") for f in wanted):
+        from dlmodels.export.onnx import _onnxslim
+
+        _onnxslim()
     if metric is None:
         metric_name = None
     elif metric_name is None:
@@ -450,118 +502,166 @@ def write_repository(
 
     keras_metric = score(expected)
     results: list[ArtifactResult] = []
+    verify_kw = {"labels": labels, "metric": metric, "expected": expected}
+
+    def result(fmt, path, *, max_err, mean_err, agreement, metric_value, passed, judged_by, **kw):
+        return ArtifactResult(
+            format=fmt,
+            artifact=ARTIFACT_NAMES[fmt],
+            path=Path(path),
+            size_bytes=artifact_size(path),
+            max_abs_error=max_err,
+            mean_abs_error=mean_err,
+            agreement=agreement,
+            metric=metric_value,
+            passed=bool(passed),
+            judged_by=judged_by,
+            method=_METHODS[fmt],
+            n_samples=n,
+            **kw,
+        )
 
     def fp32_result(fmt, path, got) -> ArtifactResult:
         max_err, mean_err, agreement, finite = export.compare_outputs(
             expected, got, where=f"{ARTIFACT_NAMES[fmt]} {path}"
         )
-        return ArtifactResult(
-            format=fmt,
-            artifact=ARTIFACT_NAMES[fmt],
-            path=path,
-            size_bytes=artifact_size(path),
-            max_abs_error=max_err,
-            mean_abs_error=mean_err,
+        return result(
+            fmt,
+            path,
+            max_err=max_err,
+            mean_err=mean_err,
             agreement=agreement,
-            metric=score(got),
-            passed=bool(finite and max_err <= atol),
+            metric_value=score(got),
+            passed=finite and max_err <= atol,
             judged_by=f"max abs error <= {atol:g}",
-            method=_METHODS[fmt],
-            n_samples=n,
         )
 
+    def int8_bars(finite_ok: bool, agreement, int8_metric) -> tuple[bool, str]:
+        bars, ok = [], finite_ok
+        if agreement is not None and int8_min_agreement is not None:
+            bars.append(f"argmax agreement >= {int8_min_agreement:g}")
+            ok = ok and agreement >= int8_min_agreement
+        if int8_metric is not None and keras_metric is not None:
+            bars.append(f"{metric_name} drop <= {int8_max_metric_drop:g}")
+            ok = ok and keras_metric - int8_metric <= int8_max_metric_drop
+        return bool(ok), " and ".join(bars) or "finite outputs (no classes, no metric)"
+
     with tempfile.TemporaryDirectory(prefix="dlmodels-repo-") as scratch:
-        if "keras" in targets:
-            path = export.to_keras(model, targets["keras"], overwrite=overwrite)
-            loaded = _reload_keras(path)
-            got = export.keras_outputs(loaded, feeds, batch_size=batch_size)
-            results.append(fp32_result("keras", path, got))
-        if "saved_model" in targets:
-            path = export.to_saved_model(model, targets["saved_model"], overwrite=overwrite)
-            got = _saved_model_outputs(path, feeds, batch_size)
-            results.append(fp32_result("saved_model", path, got))
-        onnx_path = None
-        if "onnx" in targets or "int8" in targets or "fp16" in targets:
-            onnx_path = targets.get("onnx", Path(scratch) / "model.onnx")
-            export.to_onnx(model, onnx_path, opset=opset, overwrite=overwrite)
-        verify_kw = {"labels": labels, "metric": metric, "expected": expected}
-        if "onnx" in targets:
-            report = export.verify(model, onnx_path, feeds, atol=atol, **verify_kw)
-            results.append(
-                ArtifactResult(
-                    format="onnx",
-                    artifact=ARTIFACT_NAMES["onnx"],
-                    path=Path(onnx_path),
-                    size_bytes=artifact_size(onnx_path),
-                    max_abs_error=report.max_abs_error,
-                    mean_abs_error=report.mean_abs_error,
-                    agreement=report.agreement,
-                    metric=report.metric_onnx,
-                    passed=report.passed,
-                    judged_by=f"max abs error <= {atol:g}",
-                    method=_METHODS["onnx"],
-                    n_samples=n,
-                )
-            )
-        if "int8" in targets:
-            q = export.quantize_with_report(
-                onnx_path,
-                targets["int8"],
-                calibration=feeds if calibration is None else calibration,
-                mode="static",
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                max_calibration_samples=max_calibration_samples,
-                overwrite=overwrite,
-            )
-            report = export.verify(model, q.path, feeds, atol=np.inf, **verify_kw)
-            agreement, int8_metric = report.agreement, report.metric_onnx
-            bars, ok = [], report.passed  # with atol=inf: every output finite
-            if agreement is not None and int8_min_agreement is not None:
-                bars.append(f"argmax agreement >= {int8_min_agreement:g}")
-                ok = ok and agreement >= int8_min_agreement
-            if int8_metric is not None and keras_metric is not None:
-                bars.append(f"{metric_name} drop <= {int8_max_metric_drop:g}")
-                ok = ok and keras_metric - int8_metric <= int8_max_metric_drop
-            results.append(
-                ArtifactResult(
-                    format="int8",
-                    artifact=ARTIFACT_NAMES["int8"],
-                    path=q.path,
-                    size_bytes=artifact_size(q.path),
-                    max_abs_error=report.max_abs_error,
-                    mean_abs_error=report.mean_abs_error,
-                    agreement=agreement,
-                    metric=int8_metric,
-                    passed=bool(ok),
-                    judged_by=" and ".join(bars) or "finite outputs (no classes, no metric)",
-                    method=_METHODS["int8"],
-                    n_samples=n,
-                    quantization=q.settings(),
-                )
-            )
+        made: dict[str, Any] = {}
 
-        if "fp16" in targets:
-            from dlmodels.export.fp16 import to_fp16
+        def onnx_file() -> Path:
+            """The fp32 ONNX file (the target, or a scratch file for int8 / fp16 alone),
+            converted and optionally simplified once."""
+            if "onnx" not in made:
+                path = targets.get("onnx", Path(scratch) / "model.onnx")
+                export.to_onnx(model, path, opset=opset, overwrite=overwrite)
+                made["simplification"] = None
+                if simplify:
+                    from dlmodels.export.onnx import simplify_onnx
 
-            path = to_fp16(onnx_path, targets["fp16"], overwrite=overwrite)
-            report = export.verify(model, path, feeds, atol=fp16_atol, **verify_kw)
-            results.append(
-                ArtifactResult(
-                    format="fp16",
-                    artifact=ARTIFACT_NAMES["fp16"],
-                    path=path,
-                    size_bytes=artifact_size(path),
-                    max_abs_error=report.max_abs_error,
-                    mean_abs_error=report.mean_abs_error,
-                    agreement=report.agreement,
-                    metric=report.metric_onnx,
-                    passed=report.passed,
-                    judged_by=f"max abs error <= {fp16_atol:g}",
-                    method=_METHODS["fp16"],
-                    n_samples=n,
+                    report = simplify_onnx(model, path, samples=feeds, atol=atol)
+                    made["simplification"] = report.settings()
+                made["onnx"] = Path(path)
+            return made["onnx"]
+
+        def litert_saved_model() -> Path:
+            """One SavedModel of the float32 clone every LiteRT precision converts from."""
+            if "litert_sm" not in made:
+                from dlmodels.export._signature import float32_copy
+
+                made["litert_sm"] = export.to_saved_model(
+                    float32_copy(model), Path(scratch) / "litert_saved_model"
                 )
-            )
+            return made["litert_sm"]
+
+        for fmt in track(wanted, "exporting"):
+            if fmt == "keras":
+                path = export.to_keras(model, targets["keras"], overwrite=overwrite)
+                loaded = _reload_keras(path)
+                got = export.keras_outputs(loaded, feeds, batch_size=batch_size)
+                results.append(fp32_result("keras", path, got))
+            elif fmt == "saved_model":
+                path = export.to_saved_model(model, targets["saved_model"], overwrite=overwrite)
+                got = _saved_model_outputs(path, feeds, batch_size)
+                results.append(fp32_result("saved_model", path, got))
+            elif fmt == "onnx":
+                path = onnx_file()
+                report = export.verify(model, path, feeds, atol=atol, **verify_kw)
+                results.append(
+                    result(
+                        "onnx",
+                        path,
+                        max_err=report.max_abs_error,
+                        mean_err=report.mean_abs_error,
+                        agreement=report.agreement,
+                        metric_value=report.metric_onnx,
+                        passed=report.passed,
+                        judged_by=f"max abs error <= {atol:g}",
+                        simplification=made["simplification"],
+                    )
+                )
+            elif fmt == "int8":
+                q = export.quantize_with_report(
+                    onnx_file(),
+                    targets["int8"],
+                    calibration=feeds if calibration is None else calibration,
+                    mode="static",
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    max_calibration_samples=max_calibration_samples,
+                    overwrite=overwrite,
+                )
+                report = export.verify(model, q.path, feeds, atol=np.inf, **verify_kw)
+                # With atol=inf, report.passed means: every output finite.
+                ok, judged = int8_bars(report.passed, report.agreement, report.metric_onnx)
+                results.append(
+                    result(
+                        "int8",
+                        q.path,
+                        max_err=report.max_abs_error,
+                        mean_err=report.mean_abs_error,
+                        agreement=report.agreement,
+                        metric_value=report.metric_onnx,
+                        passed=ok,
+                        judged_by=judged,
+                        quantization=q.settings(),
+                    )
+                )
+            elif fmt == "fp16":
+                from dlmodels.export.fp16 import to_fp16
+
+                path = to_fp16(onnx_file(), targets["fp16"], overwrite=overwrite)
+                report = export.verify(model, path, feeds, atol=fp16_atol, **verify_kw)
+                results.append(
+                    result(
+                        "fp16",
+                        path,
+                        max_err=report.max_abs_error,
+                        mean_err=report.mean_abs_error,
+                        agreement=report.agreement,
+                        metric_value=report.metric_onnx,
+                        passed=report.passed,
+                        judged_by=f"max abs error <= {fp16_atol:g}",
+                    )
+                )
+            else:
+                results.append(
+                    _litert_result(
+                        fmt,
+                        model,
+                        targets[fmt],
+                        feeds,
+                        saved_model=litert_saved_model(),
+                        calibration=feeds if calibration is None else calibration,
+                        max_calibration_samples=max_calibration_samples,
+                        overwrite=overwrite,
+                        verify_kw=verify_kw,
+                        atol=atol,
+                        fp16_atol=fp16_atol,
+                        int8_bars=int8_bars,
+                        result=result,
+                    )
+                )
 
         keras_p50 = None
         if benchmark:
@@ -587,6 +687,7 @@ def write_repository(
             task=task,
             num_classes=num_classes,
             quantization=r.quantization,
+            simplification=r.simplification,
             extra={
                 "artifact": r.artifact,
                 **({"p50_ms": r.p50_ms} if r.p50_ms is not None else {}),
@@ -611,6 +712,71 @@ def write_repository(
     )
 
 
+def _litert_result(
+    fmt,
+    model,
+    target,
+    feeds,
+    *,
+    saved_model,
+    calibration,
+    max_calibration_samples,
+    overwrite,
+    verify_kw,
+    atol,
+    fp16_atol,
+    int8_bars,
+    result,
+) -> ArtifactResult:
+    """Convert one LiteRT precision, run it in a fresh ai-edge-litert process, judge it."""
+    from dlmodels.export.litert import _representative_dataset, to_litert, verify_litert
+
+    precision = LITERT_PRECISIONS[fmt]
+    dataset = None
+    if precision == "int8":
+        # Read once (a one-shot generator would be empty a second time), counted for the
+        # manifest, then handed to the converter as a list of one-sample batches.
+        dataset = _representative_dataset(model, calibration, max_calibration_samples)
+    path = to_litert(
+        model,
+        target,
+        precision=precision,
+        calibration=dataset,
+        max_calibration_samples=None,
+        saved_model=saved_model,
+        overwrite=overwrite,
+    )
+    bar = {"fp32": atol, "fp16": fp16_atol, "int8": np.inf}[precision]
+    report = verify_litert(model, path, feeds, precision=precision, atol=bar, **verify_kw)
+    quantization = None
+    if precision == "int8":
+        # report.passed also holds the default agreement bar; judge with the repository's own.
+        finite = bool(np.isfinite(report.max_abs_error))
+        ok, judged = int8_bars(finite, report.agreement, report.metric_litert)
+        quantization = {
+            "tool": "tf.lite.TFLiteConverter",
+            "mode": "full integer post-training (TFLITE_BUILTINS_INT8)",
+            "weight_type": "int8",
+            "activation_type": "int8",
+            "io_type": "float32",
+            "per_channel": True,
+            "calibration_samples": len(dataset),
+        }
+    else:
+        ok, judged = report.passed, f"max abs error <= {bar:g}"
+    return result(
+        fmt,
+        path,
+        max_err=report.max_abs_error,
+        mean_err=report.mean_abs_error,
+        agreement=report.agreement,
+        metric_value=report.metric_litert,
+        passed=ok,
+        judged_by=judged,
+        quantization=quantization,
+    )
+
+
 def _remove_manifest(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(f"{path} is a directory; the manifest goes there: remove it")
@@ -628,6 +794,10 @@ def _benchmark(model, feeds, results, *, iters: int, warmup: int) -> float:
             predictors[r.artifact] = _saved_model_predictor(r.path)
         elif r.format in ("onnx", "int8", "fp16"):
             predictors[r.artifact] = bench.ort_predictor(r.path)
+        elif r.format in LITERT_PRECISIONS:
+            from dlmodels.export.litert import LiteRTModel
+
+            predictors[r.artifact] = LiteRTModel(r.path)
     timings = bench.compare_predictors(predictors, x, warmup=warmup, iters=iters)
     base = timings[BASELINE]["p50_ms"]
     for r in results:

@@ -1,5 +1,6 @@
 """manifest.json: every promised field, sizes equal to the files on disk."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,22 @@ def test_manifest_fields_and_sizes(model, onnx_file, int8_file, tmp_path):
     assert arts["int8"]["metric"] == {"name": "miou", "keras": 0.9, "artifact": 0.89}
     assert abs(arts["int8"]["extra"]["agreement"] - 0.98) < 1e-6
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
+    # SHA-256: of the bytes for a file; for a directory, of its sorted "relpath sha256" lines.
+    assert arts["onnx"]["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    assert arts["int8"]["sha256"] == hashlib.sha256(int8_file.read_bytes()).hexdigest()
+    lines = sorted(
+        f"{p.relative_to(sm_path).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n"
+        for p in Path(sm_path).rglob("*")
+        if p.is_file()
+    )
+    assert arts["saved_model"]["sha256"] == hashlib.sha256("".join(lines).encode()).hexdigest()
+    # Any change to a file inside the SavedModel changes the directory digest.
+    from dlmodels.export.manifest import artifact_sha256
+
+    assert artifact_sha256(sm_path) == arts["saved_model"]["sha256"]
+    (Path(sm_path) / "assets").mkdir(exist_ok=True)
+    (Path(sm_path) / "assets" / "extra.txt").write_text("x")
+    assert artifact_sha256(sm_path) != arts["saved_model"]["sha256"]
 
 
 def test_manifest_from_demo_rows(model, onnx_file, int8_file, tmp_path):

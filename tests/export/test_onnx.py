@@ -1,5 +1,7 @@
 """ONNX export: graph names equal the Keras names, symbolic batch, parity in a fresh process."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import onnx
@@ -79,10 +81,109 @@ def test_shared_helper_accepts_our_api(model):
     assert report.max_abs_error <= 1e-4
 
 
+def _dense_model():
+    inp = keras.Input((4,), name="x")
+    return keras.Model(inp, keras.layers.Dense(3, name="scores")(inp), name="dense")
+
+
 def test_bad_opset_is_refused_before_work(model, tmp_path):
-    with pytest.raises(ValueError, match="opset"):
-        export.to_onnx(model, tmp_path / "m.onnx", opset=99)
-    assert not (tmp_path / "m.onnx").exists()
+    for opset in (12, 19, 7, 99, 17.0, "17", True, None):
+        with pytest.raises(ValueError, match=r"opset=.*13\.\.18"):
+            export.to_onnx(model, tmp_path / "m.onnx", opset=opset)
+    # Checked before the target: an existing file does not hide the opset error.
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    with pytest.raises(ValueError, match=r"opset=12 is out of range"):
+        export.to_onnx(model, tmp_path / "m.onnx", opset=12, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"old"
+
+
+def test_opset_boundaries_are_written_and_run(tmp_path):
+    from dlmodels.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+
+    assert (MIN_OPSET, DEFAULT_OPSET, MAX_OPSET) == (13, 17, 18)
+    model = _dense_model()
+    x = np.random.default_rng(0).random((3, 4), "float32")
+    for opset in (13, 18, np.int64(17)):
+        path = export.to_onnx(model, tmp_path / f"m{opset}.onnx", opset=opset)
+        declared = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
+        assert declared[""] == opset
+        (got,) = export.onnx_predict(path, x)
+        np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    from dlmodels.models import registry
+    from tests.export._tiny import _randomize_norm_stats
+
+    keras.utils.set_random_seed(0)
+    unet = registry.get(
+        "unet", input_shape=(32, 32, 3), num_classes=3, depth=2, base_filters=4,
+        upsampling="bilinear",
+    )  # fmt: skip
+    _randomize_norm_stats(unet, 0)
+    return unet
+
+
+def _unet_images(n, seed):
+    return np.random.default_rng(seed).uniform(0, 1, (n, 32, 32, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(tiny_unet, tmp_path_factory):
+    return export.to_onnx(tiny_unet, tmp_path_factory.mktemp("unet") / "plain.onnx")
+
+
+def test_simplify_keeps_parity_and_never_grows_the_graph(tiny_unet, unet_onnx, tmp_path):
+    import shutil
+
+    from dlmodels.export.onnx import simplify_onnx
+
+    simple = Path(shutil.copy(unet_onnx, tmp_path / "simple.onnx"))
+    report = simplify_onnx(tiny_unet, simple, samples=_unet_images(2, 1))
+    before, after = onnx.load(str(unet_onnx)), onnx.load(str(simple))
+    assert report.nodes_before == len(before.graph.node)
+    assert report.nodes_after == len(after.graph.node) <= len(before.graph.node)
+    assert report.max_abs_error <= 1e-4 and report.n_samples == 2
+    props = {p.key: p.value for p in after.metadata_props}
+    assert props["dlmodels.simplified_by"] == report.tool and report.tool.startswith("onnxslim ")
+    assert int(props["dlmodels.nodes_before"]) == len(before.graph.node)
+    onnx.checker.check_model(after)
+    assert export.onnx_io(simple) == export.onnx_io(unet_onnx)  # names, symbolic batch, dtypes
+    # Parity re-checked on other samples, in a fresh onnxruntime process.
+    verified = export.verify(tiny_unet, simple, _unet_images(3, 2), atol=1e-4)
+    assert verified.passed and verified.max_abs_error <= 1e-4, verified
+
+
+def test_simplification_that_breaks_parity_is_rejected_and_file_kept(
+    tiny_unet, unet_onnx, tmp_path, monkeypatch
+):
+    import shutil
+
+    import onnxslim
+
+    from dlmodels.export.onnx import SimplificationError, simplify_onnx
+
+    real = onnxslim.slim
+
+    def breaking_slim(model_proto, *args, **kwargs):
+        slimmed = real(model_proto, *args, **kwargs)
+        init = next(i for i in slimmed.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+        arr = onnx.numpy_helper.to_array(init)  # a "simplification" that shifts some weights
+        init.CopyFrom(onnx.numpy_helper.from_array(arr + 0.5, init.name))
+        return slimmed
+
+    path = Path(shutil.copy(unet_onnx, tmp_path / "m.onnx"))
+    original = path.read_bytes()
+    monkeypatch.setattr(onnxslim, "slim", breaking_slim)
+    with pytest.raises(SimplificationError, match=r"broke parity .* unsimplified file .* kept"):
+        simplify_onnx(tiny_unet, path, samples=_unet_images(2, 3))
+    assert path.read_bytes() == original
+    with pytest.raises(SimplificationError, match="broke parity"):
+        export.to_onnx(tiny_unet, tmp_path / "n.onnx", simplify=True)  # seeded stand-in samples
+    assert export.verify(tiny_unet, tmp_path / "n.onnx", _unet_images(2, 4)).passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "n.onnx"]  # no debris
 
 
 class _Igamma(keras.layers.Layer):

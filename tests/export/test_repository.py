@@ -134,6 +134,8 @@ def test_refuses_existing_targets_before_any_work(model, tmp_path):
         ({"img": np.zeros((2, 16, 16, 3))}, {}, "missing"),
         (np.zeros((2, 16, 16, 3)), {"formats": ["tflite"]}, "choose one or more"),
         (np.zeros((2, 16, 16, 3)), {"metric": lambda y, o: 0.0}, "without labels"),
+        # Checked before the .keras file (first in FORMATS) is written.
+        (np.zeros((2, 16, 16, 3)), {"opset": 12}, r"opset=12 is out of range.*13\.\.18"),
     ],
 )
 def test_clear_value_errors(model, tmp_path, samples, kwargs, match):
@@ -203,3 +205,37 @@ def test_sequential_models_export_like_functional_ones(tmp_path):
     assert report.passed, report.failures()
     assert export.onnx_io(tmp_path / "seq" / "model.onnx")["outputs"][0]["name"] == "scores"
     assert export.verify(model, tmp_path / "seq" / "model.onnx", x).passed
+
+
+def test_simplified_onnx_with_node_counts_in_manifest_and_progress(model, tmp_path, monkeypatch):
+    """simplify=True: the ONNX file is onnxslim's graph, verified again in a fresh process,
+    node counts before/after in the manifest; the format loop runs through `_progress.track`."""
+    import hashlib
+
+    import onnx
+
+    from dlmodels.export import repository
+
+    seen = []
+    real_track = repository.track
+
+    def recording_track(items, description, total=None):
+        seen.append((list(items), description))
+        return real_track(items, description, total)
+
+    monkeypatch.setattr(repository, "track", recording_track)
+    x = images(3, seed=9)
+    report = export.write_repository(model, tmp_path, formats="onnx", samples=x, simplify=True)
+    assert seen == [(["onnx"], "exporting")]
+    assert report.passed and report["onnx"].max_abs_error <= 1e-4, report.failures()
+    path = tmp_path / "model.onnx"
+    graph = onnx.load(str(path))
+    props = {p.key: p.value for p in graph.metadata_props}
+    entry = json.loads(report.manifest_path.read_text())["artifacts"][0]
+    simp = entry["simplification"]
+    assert simp["tool"] == props["dlmodels.simplified_by"]
+    assert simp["nodes_after"] == len(graph.graph.node) <= simp["nodes_before"]
+    assert simp["nodes_before"] == int(props["dlmodels.nodes_before"])
+    assert simp["max_abs_error_vs_keras"] <= 1e-4 and simp["n_samples"] == 3
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert entry["parity"]["passed"] is True
