@@ -14,7 +14,8 @@ only `pip install 'dlmodels[serving]'`.
 
 Modules: `app` (FastAPI app factory), `repository` (layout, versions, hot reload), `batcher`,
 `codec` (request validation and tensor encoding), `metrics`, `client` (a thin Python client),
-`bench` (the load benchmark), `__main__` (the command line; `main(argv)`).
+`bench` (the load benchmark), `_http` (uvicorn's httptools protocol with one socket write per
+small response), `__main__` (the command line; `main(argv)`).
 """
 
 __all__: list[str] = []

@@ -155,6 +155,16 @@ def parse_policy(text: str) -> dict:
         raise ValueError(f"--version-policy {text!r}: use latest:N, all or specific:1,3") from None
 
 
+def _http_protocol():
+    """httptools with one write per small response (serving._http) where httptools is
+    installed, else uvicorn's choice."""
+    try:
+        from serving._http import CoalescingHttpToolsProtocol
+    except ImportError:
+        return "auto"
+    return CoalescingHttpToolsProtocol
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -242,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=args.graceful_timeout,
         server_header=False,
-        loop="auto",
-        http="auto",
+        loop="auto",  # uvloop when installed
+        http=_http_protocol(),
     )
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, restores the previous handlers and
     # re-raises the signal; no-op handlers make that re-raise harmless, so a graceful shutdown

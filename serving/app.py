@@ -2,10 +2,15 @@
 over one `ModelRepository`, with metrics, a body-size limit, an optional bearer token,
 readiness after warm-up, periodic hot reload and a graceful close.
 
-The request path is deliberately lean: bodies are read as bytes and parsed with orjson; the
-pydantic models validate only the small envelope (their `data` fields are not traversed), and
-binary tensors stay views over the body. The pydantic models still describe every request in
-the OpenAPI document (/docs, /openapi.json).
+The two inference paths (`POST .../infer`, `POST ...:predict`) are served by a pure ASGI
+handler placed in front of FastAPI's router and middleware: for a small model those layers
+(routing through every route, dependency solving, `Request` objects, exception middleware)
+cost several times the inference itself. Everything else goes through FastAPI, and the
+FastAPI routes of the two inference paths stay: they document the requests in OpenAPI
+(/docs, /openapi.json) and call the same handler when the fast path does not apply (an
+ASGI `root_path`). Bodies are read as bytes and parsed with orjson; the pydantic models
+validate only the small envelope (their `data` fields are not traversed), and binary tensors
+stay views over the body.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import re
 import sys
 import time
 from typing import Any, Literal
@@ -25,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serving import codec
 from serving._common import (
@@ -41,6 +48,19 @@ from serving.repository import ModelRepository, ServerSettings
 
 SERVER_NAME = "dlmodels"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics_metrics"]
+
+JSON = b"application/json"
+OCTETS = b"application/octet-stream"
+_HOT_HEADERS = frozenset(
+    (b"content-length", b"content-encoding", b"inference-header-content-length")
+)
+# The inference routes as Starlette matches them (a parameter is [^/]+, ":predict" a literal
+# suffix; the route with a version comes first), for the fast path.
+_V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+_V1_PREDICT_VERSION = re.compile(
+    r"^/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+):predict$"
+)
+_V1_PREDICT = re.compile(r"^/v1/models/(?P<name>[^/]+):predict$")
 
 
 # -- request models (envelopes only; tensor data stays untyped for speed) ------------------
@@ -100,6 +120,20 @@ def _body_schema(model: type[pydantic.BaseModel], binary: bool = False) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
+class ServerApp(FastAPI):
+    """FastAPI with a pure ASGI `front` that sees every HTTP request first (set by
+    `create_app`: the bearer token check and the inference fast path), so the hot path skips
+    FastAPI's per-request layers (telemetry check, middleware, routing, dependencies)."""
+
+    front = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.front is not None and scope["type"] == "http":
+            await self.front(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 @dataclasses.dataclass
 class AppOptions:
     """Server options beyond the per-model settings.
@@ -120,7 +154,7 @@ def create_app(
     repository: str,
     settings: ServerSettings | None = None,
     options: AppOptions | None = None,
-) -> FastAPI:
+) -> ServerApp:
     """The server for the model repository at `repository` (see `serving.repository`)."""
     settings = settings or ServerSettings()
     options = options or AppOptions()
@@ -161,7 +195,7 @@ def create_app(
         await repo.close()
         log(logging.INFO, "server_stopped")
 
-    app = FastAPI(
+    app = ServerApp(
         title="dlmodels model server",
         description="TF Serving REST and KServe v2 (Open Inference Protocol) over onnxruntime.",
         version=_version(),
@@ -174,47 +208,68 @@ def create_app(
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(receive, declared: bytes | None) -> bytes:
+        """The request body from ASGI `receive`, refused early (413) when its declared or
+        actual size exceeds the limit."""
         limit = options.max_body_bytes
-        declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise ServingError(400, "Content-Length is not a number")
             if int(declared) > limit:
                 raise ServingError(
-                    413, f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+                    413,
+                    f"request body of {declared.decode()} bytes exceeds the limit of {limit} bytes",
                 )
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise ServingError(413, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            if chunk:
+                total += len(chunk)
+                if total > limit:
+                    raise ServingError(413, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not body:
             raise ServingError(400, "the request body is empty")
         return body
 
-    children: dict = {}
+    class Accounting:
+        """One inference request's accounting, shared by both protocols: the in-flight
+        counters while it runs; then its status code, latency and (when it succeeded) the
+        time of each stage (read, decode, encode) go to the metrics. Handlers set `label`
+        (the model label), `code` and the stage marks `t_read`, `t_dec`, `t_inf`."""
 
-    def child(metric, *labels):
-        """A metric's child for these labels, looked up once (labels() takes a lock)."""
-        key = (metric, labels)
-        found = children.get(key)
-        if found is None:
-            found = children[key] = metric.labels(*labels)
-        return found
+        __slots__ = ("code", "label", "protocol", "start", "t_dec", "t_inf", "t_read")
 
-    def finish(model: str, protocol: str, start: float, code: int) -> None:
-        child(metrics.requests, model, protocol, str(code)).inc()
-        if code >= 400:
-            child(metrics.errors, model, protocol, str(code)).inc()
-        child(metrics.latency, model, protocol).observe(time.perf_counter() - start)
+        def __init__(self, protocol: str):
+            self.protocol = protocol
+            self.label = UNKNOWN
+            self.code = 500
 
-    def stages(label: str, start: float, t_read: float, t_dec: float, t_inf: float) -> None:
-        child(metrics.stage, label, "read").observe(t_read - start)
-        child(metrics.stage, label, "decode").observe(t_dec - t_read)
-        child(metrics.stage, label, "encode").observe(time.perf_counter() - t_inf)
+        async def __aenter__(self):
+            self.start = time.perf_counter()
+            metrics.inflight.inc()
+            repo.activity.inflight += 1
+            return self
+
+        async def __aexit__(self, *exc) -> None:
+            repo.activity.inflight -= 1
+            metrics.inflight.dec()
+            end = time.perf_counter()
+            label, protocol, code = self.label, self.protocol, self.code
+            metrics.requests.labels(label, protocol, str(code)).inc()
+            if code >= 400:
+                metrics.errors.labels(label, protocol, str(code)).inc()
+            else:
+                metrics.stage.labels(label, "read").observe(self.t_read - self.start)
+                metrics.stage.labels(label, "decode").observe(self.t_dec - self.t_read)
+                metrics.stage.labels(label, "encode").observe(end - self.t_inf)
+            metrics.latency.labels(label, protocol).observe(end - self.start)
 
     def error_response(err: ServingError) -> Response:
         return Response(
@@ -248,40 +303,34 @@ def create_app(
         log(logging.ERROR, "internal_error", path=request.url.path, error=repr(err))
         return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
 
-    # -- auth (pure ASGI, cheap) ----------------------------------------------------------
+    # -- the front (pure ASGI, before FastAPI): bearer token, then the inference fast path --
 
-    if options.auth_token:
-        token = f"Bearer {options.auth_token}".encode()
-        inner = app.build_middleware_stack
+    token = f"Bearer {options.auth_token}".encode() if options.auth_token else None
 
-        def build():
-            asgi = inner()
+    async def front(scope, receive, send):
+        if token is not None and not (
+            scope["path"].startswith("/v2/health") or scope["path"] == "/metrics"
+        ):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, token):
+                body = b'{"error":"missing or wrong bearer token"}'
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"www-authenticate", b"Bearer"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        if not await fast_path(scope, receive, send):
+            await FastAPI.__call__(app, scope, receive, send)
 
-            async def guarded(scope, receive, send):
-                if scope["type"] == "http" and not (
-                    scope["path"].startswith("/v2/health") or scope["path"] == "/metrics"
-                ):
-                    got = dict(scope["headers"]).get(b"authorization", b"")
-                    if not hmac.compare_digest(got, token):
-                        body = b'{"error":"missing or wrong bearer token"}'
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": 401,
-                                "headers": [
-                                    (b"content-type", b"application/json"),
-                                    (b"www-authenticate", b"Bearer"),
-                                    (b"content-length", str(len(body)).encode()),
-                                ],
-                            }
-                        )
-                        await send({"type": "http.response.body", "body": body})
-                        return
-                await asgi(scope, receive, send)
-
-            return guarded
-
-        app.build_middleware_stack = build
+    app.front = front
 
     # -- health and metrics --------------------------------------------------------------
 
@@ -392,54 +441,30 @@ def create_app(
     async def v2_model_version_config(name: str, version: str):
         return v2_config(name, version)
 
-    async def v2_infer(request: Request, name: str, version: str | None) -> Response:
-        start = time.perf_counter()
-        label, code = UNKNOWN, 500
-        metrics.inflight.inc()
-        repo.activity.inflight += 1
-        try:
-            check_name(name)
-            v = parse_version(version)
-            label = model_label(name)
-            body = await read_body(request)
-            t_read = time.perf_counter()
-            if request.headers.get("content-encoding", "identity") != "identity":
-                raise ServingError(400, "compressed request bodies are not supported")
-            header_len = request.headers.get("inference-header-content-length")
-            if header_len is not None:
-                if not header_len.isdigit() or int(header_len) > len(body):
-                    raise ServingError(
-                        400,
-                        f"Inference-Header-Content-Length {header_len!r} is not a length "
-                        f"within the {len(body)}-byte body",
-                    )
-                header_len = int(header_len)
-                obj = codec.loads(memoryview(body)[:header_len])
-            else:
-                obj = codec.loads(body)
-            req = _validate(InferenceRequest, obj)
-            served = repo.get(name, v)
-            feeds = codec.decode_v2(served, req, body, header_len)
-            t_dec = time.perf_counter()
-            outputs = await served.infer(feeds)
-            t_inf = time.perf_counter()
-            payload, hlen = codec.encode_v2(served, req, outputs, served.version)
-            stages(label, start, t_read, t_dec, t_inf)
-            code = 200
-            if hlen is None:
-                return Response(payload, media_type="application/json")
-            return Response(
-                payload,
-                media_type="application/octet-stream",
-                headers={"Inference-Header-Content-Length": str(hlen)},
-            )
-        except ServingError as err:
-            code = err.status
-            return error_response(err)
-        finally:
-            repo.activity.inflight -= 1
-            metrics.inflight.dec()
-            finish(label, "v2", start, code)
+    async def v2_work(acct: Accounting, served, body: bytes, head: dict):
+        if head.get(b"content-encoding", b"identity") != b"identity":
+            raise ServingError(400, "compressed request bodies are not supported")
+        header_len = head.get(b"inference-header-content-length")
+        if header_len is not None:
+            if not header_len.isdigit() or int(header_len) > len(body):
+                raise ServingError(
+                    400,
+                    f"Inference-Header-Content-Length {header_len.decode('latin-1')!r} is not "
+                    f"a length within the {len(body)}-byte body",
+                )
+            header_len = int(header_len)
+            obj = codec.loads(memoryview(body)[:header_len])
+        else:
+            obj = codec.loads(body)
+        req = _validate(InferenceRequest, obj)
+        feeds = codec.decode_v2(served, req, body, header_len)
+        acct.t_dec = time.perf_counter()
+        outputs = await served.infer(feeds)
+        acct.t_inf = time.perf_counter()
+        payload, hlen = codec.encode_v2(served, req, outputs, served.version)
+        if hlen is None:
+            return payload, JSON, ()
+        return payload, OCTETS, ((b"inference-header-content-length", str(hlen).encode()),)
 
     @app.post(
         "/v2/models/{name}/infer",
@@ -447,7 +472,7 @@ def create_app(
         openapi_extra=_body_schema(InferenceRequest, binary=True),
     )
     async def v2_model_infer(request: Request, name: str):
-        return await v2_infer(request, name, None)
+        return await routed(request, "v2", name, None)
 
     @app.post(
         "/v2/models/{name}/versions/{version}/infer",
@@ -455,7 +480,7 @@ def create_app(
         openapi_extra=_body_schema(InferenceRequest, binary=True),
     )
     async def v2_model_version_infer(request: Request, name: str, version: str):
-        return await v2_infer(request, name, version)
+        return await routed(request, "v2", name, version)
 
     @app.post("/v2/repository/index", tags=["kserve v2"])
     async def repository_index():
@@ -521,34 +546,90 @@ def create_app(
             },
         }
 
-    async def v1_predict(request: Request, name: str, version: str | None) -> Response:
-        start = time.perf_counter()
-        label, code = UNKNOWN, 500
-        metrics.inflight.inc()
-        repo.activity.inflight += 1
+    async def v1_work(acct: Accounting, served, body: bytes, head: dict):
+        if head.get(b"content-encoding", b"identity") != b"identity":
+            raise ServingError(400, "compressed request bodies are not supported")
+        req = _validate(PredictRequest, codec.loads(body))
+        feeds, fmt = codec.decode_tfserving(served, req)
+        acct.t_dec = time.perf_counter()
+        outputs = await served.infer(feeds)
+        acct.t_inf = time.perf_counter()
+        return codec.encode_tfserving(outputs, fmt), JSON, ()
+
+    work = {"v1": v1_work, "v2": v2_work}
+
+    async def infer(protocol: str, name: str, version: str | None, headers, receive):
+        """One inference request of either protocol, from its raw ASGI headers and `receive`:
+        (status, body, content type, extra headers). Every error is a JSON answer."""
+        async with Accounting(protocol) as acct:
+            try:
+                check_name(name)
+                v = parse_version(version)
+                acct.label = model_label(name)
+                head = {}
+                for key, value in headers:  # the first of each, as Starlette's Headers.get
+                    if key in _HOT_HEADERS and key not in head:
+                        head[key] = value
+                body = await read_body(receive, head.get(b"content-length"))
+                acct.t_read = time.perf_counter()
+                served = repo.get(name, v)
+                payload, media, extra = await work[protocol](acct, served, body, head)
+                acct.code = 200
+                return 200, payload, media, extra
+            except ServingError as err:
+                acct.code = err.status
+                return err.status, orjson.dumps({"error": err.message}), JSON, ()
+            except ClientDisconnect:
+                acct.code = 499  # the client went away: nobody to answer
+                raise
+            except Exception as err:
+                log(logging.ERROR, "internal_error", protocol=protocol, model=name, error=repr(err))
+                body = orjson.dumps({"error": f"internal error: {type(err).__name__}"})
+                return 500, body, JSON, ()
+
+    async def routed(request: Request, protocol: str, name: str, version: str | None):
+        """The FastAPI route's way into `infer` (only when the fast path does not apply)."""
+        status, payload, media, extra = await infer(
+            protocol, name, version, request.scope["headers"], request.receive
+        )
+        headers = {k.decode(): v.decode() for k, v in extra}
+        return Response(payload, status_code=status, media_type=media.decode(), headers=headers)
+
+    async def fast_path(scope, receive, send) -> bool:
+        """Answer an inference request straight from ASGI (an HTTP `scope`); False when it is
+        not one."""
+        if scope["method"] != "POST" or scope.get("root_path"):
+            return False
+        path = scope["path"]
+        if path.startswith("/v2/models/"):
+            m = _V2_INFER.match(path)
+            protocol = "v2"
+        elif path.startswith("/v1/models/"):
+            m = _V1_PREDICT_VERSION.match(path) or _V1_PREDICT.match(path)
+            protocol = "v1"
+        else:
+            return False
+        if m is None:
+            return False
         try:
-            check_name(name)
-            v = parse_version(version)
-            label = model_label(name)
-            body = await read_body(request)
-            t_read = time.perf_counter()
-            req = _validate(PredictRequest, codec.loads(body))
-            served = repo.get(name, v)
-            feeds, fmt = codec.decode_tfserving(served, req)
-            t_dec = time.perf_counter()
-            outputs = await served.infer(feeds)
-            t_inf = time.perf_counter()
-            payload = codec.encode_tfserving(outputs, fmt)
-            stages(label, start, t_read, t_dec, t_inf)
-            code = 200
-            return Response(payload, media_type="application/json")
-        except ServingError as err:
-            code = err.status
-            return error_response(err)
-        finally:
-            repo.activity.inflight -= 1
-            metrics.inflight.dec()
-            finish(label, "v1", start, code)
+            status, payload, media, extra = await infer(
+                protocol, m["name"], m.groupdict().get("version"), scope["headers"], receive
+            )
+        except ClientDisconnect:
+            return True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", media),
+                    (b"content-length", str(len(payload)).encode()),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+        return True
 
     # Routes with a ":predict" suffix come first: "{name}" alone would also match "m:predict".
     @app.post(
@@ -557,7 +638,7 @@ def create_app(
         openapi_extra=_body_schema(PredictRequest),
     )
     async def v1_version_predict(request: Request, name: str, version: str):
-        return await v1_predict(request, name, version)
+        return await routed(request, "v1", name, version)
 
     @app.post(
         "/v1/models/{name}:predict",
@@ -565,7 +646,7 @@ def create_app(
         openapi_extra=_body_schema(PredictRequest),
     )
     async def v1_model_predict(request: Request, name: str):
-        return await v1_predict(request, name, None)
+        return await routed(request, "v1", name, None)
 
     @app.get("/v1/models/{name}/versions/{version}/metadata", tags=["tf serving"])
     async def v1_version_metadata(name: str, version: str):

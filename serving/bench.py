@@ -254,14 +254,220 @@ def process_cpu_s(pid: int | None = None) -> float:
         return float("nan")
 
 
-def start_server(repo: Path, port: int, extra: list[str], threads: int):
+def plan_placement(cpus: list[int], pin: str) -> dict:
+    """Which cores the server and the client (with the raw reference) get.
+
+    `pin` "auto" pins when at least 4 cores are available, "on" whenever there are 2, "off"
+    never. Pinned, the server gets the first half of the cores (rounded up) and the client
+    process the rest: on a small machine a client sharing the server's cores takes the CPU
+    the server would use, and the ratio then measures the client too.
+    """
+    if pin not in ("auto", "on", "off"):
+        raise ValueError(f"pin must be 'auto', 'on' or 'off', got {pin!r}")
+    cpus = sorted(cpus)
+    if pin == "off" or len(cpus) < 2 or (pin == "auto" and len(cpus) < 4):
+        why = "off" if pin == "off" else f"{len(cpus)} cores (pinning needs >= 4 with auto)"
+        return {"pinned": False, "server_cpus": cpus, "client_cpus": cpus, "reason": why}
+    half = (len(cpus) + 1) // 2
+    return {
+        "pinned": True,
+        "server_cpus": cpus[:half],
+        "client_cpus": cpus[half:],
+        "reason": f"{len(cpus)} cores: server and raw reference on the first {half}, "
+        "client on the rest",
+    }
+
+
+def _set_affinity(cpus: list[int]) -> None:
+    """Pin this thread (threads it starts inherit it) to `cpus`, where the OS allows it."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+
+
+def _affinities(server_pid: int) -> dict:
+    """The cores the server process and this (client) thread may run on now, as observed."""
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    return {
+        "server_cpus": sorted(os.sched_getaffinity(server_pid)),
+        "client_cpus": sorted(os.sched_getaffinity(0)),
+    }
+
+
+def request_breakdown(
+    repo: Path, model: str, *, concurrency: int = 16, threads: int = 1, seconds: float = 0.3
+) -> dict:
+    """Where a binary KServe v2 request's server time goes, without HTTP: each stage of the
+    server's request path timed on its own (CPU µs of this process, best of 5 rounds, batch 1:
+    on a busy machine CPU time is steadier than wall time), and the whole
+    app driven in-process through ASGI at `concurrency` (CPU µs per request, batching on).
+    Repetitions are sized so each timing takes about `seconds`.
+    The HTTP server's share (uvicorn, httptools, sockets) is the server process's CPU per
+    request in a cell minus `asgi_app_cpu_us_per_request`."""
+    import asyncio
+
+    import orjson
+
+    from serving import codec
+    from serving.app import AppOptions, InferenceRequest, _validate, create_app
+    from serving.repository import ServerSettings
+
+    def best(fn, k=2000):
+        out = []
+        for _ in range(5):
+            t = time.process_time()
+            for _ in range(k):
+                fn()
+            out.append((time.process_time() - t) / k * 1e6)
+        return min(out)
+
+    async def abest(fn, k=500):
+        out = []
+        for _ in range(5):
+            t = time.process_time()
+            for _ in range(k):
+                await fn()
+            out.append((time.process_time() - t) / k * 1e6)
+        return min(out)
+
+    async def measure():
+        app = create_app(str(repo), ServerSettings(threads=threads), AppOptions(poll_interval=0))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        try:
+            for _ in range(3000):
+                if app.state.ready["ready"]:
+                    break
+                await asyncio.sleep(0.05)
+            served = app.state.repository.get(model)
+            (name,) = [s.name for s in served.inputs]
+            x = example(served.model, 1, seed=3)[name]
+            header = orjson.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": name,
+                            "shape": list(x.shape),
+                            "datatype": codec.v2_datatype(x.dtype),
+                            "parameters": {"binary_data_size": x.nbytes},
+                        }
+                    ],
+                    "outputs": [
+                        {"name": o, "parameters": {"binary_data": True}}
+                        for o in served.output_names
+                    ],
+                }
+            )
+            body, hlen = header + x.tobytes(), len(header)
+            path = f"/v2/models/{model}/infer"
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "query_string": b"",
+                "root_path": "",
+                "headers": [
+                    (b"host", b"127.0.0.1"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"inference-header-content-length", str(hlen).encode()),
+                ],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 8000),
+            }
+            session = served.model.session
+            t = time.perf_counter()
+            session.run(None, {name: x})
+            once = max(time.perf_counter() - t, 1e-6)
+            k_run = max(3, min(2000, int(seconds / once)))
+            n = concurrency * max(4, min(200, int(10 * seconds / once / concurrency)))
+            codes = []
+
+            async def one():
+                messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+                async def receive():
+                    return messages.pop() if messages else {"type": "http.disconnect"}
+
+                async def send(message):
+                    if message["type"] == "http.response.start":
+                        codes.append(message["status"])
+
+                await app(dict(scope), receive, send)
+
+            async def worker(k):
+                for _ in range(k):
+                    await one()
+
+            r = {"model": model, "concurrency": concurrency}
+            r["asgi_app_us_c1"] = await abest(one, k_run)
+            await asyncio.gather(*(worker(2) for _ in range(concurrency)))
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+            done = n // concurrency * concurrency
+            r["asgi_app_cpu_us_per_request"] = 1e6 * (time.process_time() - cpu0) / done
+            r["asgi_app_wall_us_per_request"] = 1e6 * (time.perf_counter() - t0) / done
+            if set(codes) != {200}:
+                raise RuntimeError(f"in-process requests answered {sorted(set(codes))}")
+            stages = r["stage_us"] = {}
+            stages["json_header_orjson"] = best(lambda: codec.loads(memoryview(body)[:hlen]))
+            obj = codec.loads(memoryview(body)[:hlen])
+            stages["pydantic_validation"] = best(lambda: _validate(InferenceRequest, obj))
+            req = _validate(InferenceRequest, obj)
+            stages["binary_decode_and_checks"] = best(
+                lambda: codec.decode_v2(served, req, body, hlen)
+            )
+            feeds = codec.decode_v2(served, req, body, hlen)
+            session = served.model.session
+            stages["onnxruntime_run"] = best(lambda: session.run(served.output_names, feeds), k=300)
+            with_batcher = await abest(lambda: served.infer(feeds), k=300)
+            stages["batcher_handoff"] = max(with_batcher - stages["onnxruntime_run"], 0.0)
+            outputs = await served.infer(feeds)
+            stages["encode_response"] = best(
+                lambda: codec.encode_v2(served, req, outputs, served.version)
+            )
+            m = app.state.metrics
+
+            def account():  # what one request and its share of a batch record
+                m.inflight.inc()
+                m.inflight.dec()
+                m.requests.labels(model, "v2", "200").inc()
+                for stage in ("read", "decode", "encode", "queue", "infer"):
+                    m.stage.labels(model, stage).observe(1e-4)
+                m.latency.labels(model, "v2").observe(1e-3)
+                m.queue_depth.labels(model).set(0)
+
+            stages["metrics"] = best(account)
+            named = sum(v for k, v in stages.items())
+            stages["rest_of_app_path"] = max(r["asgi_app_us_c1"] - named, 0.0)
+            return r
+        finally:
+            await lifespan.__aexit__(None, None, None)
+
+    try:
+        import uvloop
+
+        return uvloop.run(measure())
+    except ImportError:
+        return asyncio.run(measure())
+
+
+def start_server(repo: Path, port: int, extra: list[str], threads: int, cpus=None):
     import httpx
 
     log = open(repo.parent / f"server-{port}.log", "w")  # noqa: SIM115 (closed by caller)
     cmd = [sys.executable, "-m", "serving", "--model-repository", str(repo), "--port", str(port)]
     cmd += ["--threads", str(threads), "--poll-interval", "0", "--log-level", "warning", *extra]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=log,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -288,6 +494,12 @@ def _free_port() -> int:
 def run(args) -> dict:
     from dlmodels.runtime import OnnxModel, default_threads
 
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    placement = plan_placement(available, args.pin) if available else {"pinned": False}
+    server_cpus = placement.get("server_cpus") if placement["pinned"] else None
+    client_cpus = placement.get("client_cpus") if placement["pinned"] else None
+    if server_cpus:  # the reference sessions' threads are created on the server's cores
+        _set_affinity(server_cpus)
     threads = args.threads or default_threads()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     scratch = None
@@ -315,14 +527,17 @@ def run(args) -> dict:
             "max_queue_delay_ms": args.max_queue_delay_ms,
             "max_requests_per_cell": args.max_requests,
             "server_threads": threads,
+            "pin": args.pin,
             "raw_session_config": RAW_SESSION_CONFIG,
             "raw_seconds": args.raw_seconds,
             "client": "tritonclient.http, one InferenceServerClient per thread, batch-1 requests",
-            "server": "python -m serving on 127.0.0.1 (uvicorn), same machine as the client",
+            "server": "python -m serving on 127.0.0.1 (uvicorn), same machine as the client"
+            + (", pinned to its own cores" if placement["pinned"] else ", same cores"),
             "reference": "in-process onnxruntime in the benchmark process, batch 1 back to "
             "back, same threads as the server, measured for raw_seconds right before each cell "
             "(ratio_vs_raw_b1) and once at the start (ratio_vs_raw_b1_at_start)",
         },
+        "placement": placement,
         "models": {},
         "raw_onnxruntime": {},
         "cells": [],
@@ -355,7 +570,7 @@ def run(args) -> dict:
         extra += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
         if batching == "off":
             extra.append("--no-dynamic-batching")
-        proc, log = start_server(repo, port, extra, threads)
+        proc, log = start_server(repo, port, extra, threads, server_cpus)
         url = f"http://127.0.0.1:{port}"
         try:
             for m in models:
@@ -363,10 +578,15 @@ def run(args) -> dict:
                     for c in levels:
                         # The reference again, right before the cell: on a shared machine the
                         # load moves, and the ratio should compare like with like.
+                        if server_cpus:
+                            _set_affinity(server_cpus)
                         raw_now = raw_throughput(refs[m], args.raw_seconds)
                         raw = raw_now["items_per_s"]
+                        if client_cpus:
+                            _set_affinity(client_cpus)
                         before = scrape(url)
                         load = os.getloadavg()
+                        observed = _affinities(proc.pid)
                         cpu = (process_cpu_s(proc.pid), process_cpu_s())
                         cell = drive(
                             url,
@@ -397,6 +617,7 @@ def run(args) -> dict:
                             ratio_vs_raw_b1_at_start=cell["requests_per_s"]
                             / result["raw_onnxruntime"][m]["b1"]["items_per_s"],
                             loadavg_before=load,
+                            **observed,
                         )
                         result["cells"].append(cell)
                         print(
@@ -411,11 +632,68 @@ def run(args) -> dict:
             proc.terminate()
             proc.wait(60)
             log.close()
+    if args.breakdown:
+        if server_cpus:
+            _set_affinity(server_cpus)
+        result["where_the_time_goes"] = breakdowns(
+            repo,
+            models,
+            result["cells"],
+            threads,
+            args.breakdown_seconds,
+            16 if 16 in levels else max(levels),
+        )
+    if available:
+        _set_affinity(available)
     result["loadavg_end"] = os.getloadavg()
     result["failed_total"] = sum(c["failed"] for c in result["cells"])
     if scratch is not None and not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def breakdowns(
+    repo: Path,
+    models: list[str],
+    cells: list[dict],
+    threads: int,
+    seconds: float = 0.3,
+    concurrency: int = 16,
+) -> dict:
+    """`request_breakdown` per model at `concurrency`, with the HTTP server's share taken from
+    the binary cell with batching on at that concurrency."""
+    out = {
+        "method": "stage_us: each stage of the server's request path timed on its own in "
+        "the benchmark process (CPU time, batch 1, best of 5 rounds); asgi_app_*: the whole app "
+        "driven "
+        "in-process through ASGI (no HTTP) at the concurrency given, batching on; "
+        "http_server_cpu_us_per_request: the server process's CPU per request in the cell "
+        "minus asgi_app_cpu_us_per_request (uvicorn, httptools, sockets, asyncio)",
+        "models": {},
+    }
+    for m in models:
+        try:
+            b = request_breakdown(
+                repo, m, concurrency=concurrency, threads=threads, seconds=seconds
+            )
+        except Exception as err:  # a breakdown is extra: never lose the cells for it
+            out["models"][m] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        for c in cells:
+            if (c["model"], c["encoding"], c["batching"], c["concurrency"]) == (
+                m,
+                "binary",
+                "on",
+                b["concurrency"],
+            ):
+                b["server_process_cpu_us_per_request"] = 1e3 * c["server_cpu_ms_per_request"]
+                b["http_server_cpu_us_per_request"] = (
+                    b["server_process_cpu_us_per_request"] - b["asgi_app_cpu_us_per_request"]
+                )
+                b["client_cpu_us_per_request"] = 1e3 * c["client_cpu_ms_per_request"]
+        out["models"][m] = b
+        print(f"where the time goes, {m}: {json.dumps(b, default=float)}", file=sys.stderr)
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -454,6 +732,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=200_000, help="per cell")
     p.add_argument("--raw-seconds", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (server, raw)")
+    p.add_argument(
+        "--pin",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="pin server and client to separate cores (auto: when >= 4 cores)",
+    )
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the in-process per-stage breakdown (where the time goes)",
+    )
+    p.add_argument(
+        "--breakdown-seconds",
+        type=float,
+        default=0.3,
+        help="about how long each breakdown timing runs",
+    )
     p.add_argument("--keep", action="store_true", help="keep the exported repository")
     p.add_argument("--markdown", type=Path, default=None, help="also write a markdown table")
     args = p.parse_args(argv)

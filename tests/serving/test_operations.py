@@ -276,6 +276,10 @@ def test_load_benchmark_runs_and_records_everything(repo, tmp_path):
             "0.3",
             "--threads",
             "1",
+            "--pin",
+            "on",
+            "--breakdown-seconds",
+            "0.02",
             "--out",
             str(out),
         ],
@@ -302,3 +306,19 @@ def test_load_benchmark_runs_and_records_everything(repo, tmp_path):
     assert len(result["loadavg_start"]) == 3 and result["machine"]["cpus"]
     assert result["settings"]["duration_s"] == 1 and result["settings"]["server_threads"] == 1
     assert "| classifier | on | binary | 2 |" in proc.stdout
+    cpus = sorted(os.sched_getaffinity(0))
+    placement = result["placement"]
+    assert placement["pinned"] == (len(cpus) >= 2)
+    assert sorted(placement["server_cpus"] + placement["client_cpus"]) == cpus
+    # As observed during the cell, not only as planned.
+    assert cell["server_cpus"] == placement["server_cpus"]
+    assert cell["client_cpus"] == placement["client_cpus"]
+    # Where the time goes: each stage, the in-process app, and (from the binary, batching-on
+    # cell at the breakdown's concurrency, 2 here) the HTTP server's share of the CPU.
+    where = result["where_the_time_goes"]["models"]["classifier"]
+    assert where["concurrency"] == 2
+    assert set(where["stage_us"]) >= {"pydantic_validation", "binary_decode_and_checks"}
+    assert all(v >= 0 for v in where["stage_us"].values())
+    assert where["http_server_cpu_us_per_request"] == pytest.approx(
+        1e3 * cell["server_cpu_ms_per_request"] - where["asgi_app_cpu_us_per_request"]
+    )
