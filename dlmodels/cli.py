@@ -138,7 +138,14 @@ def _console():
 
 @app.command("models")
 def models_cmd():
-    """List the registered models with their task and paper."""
+    """List the registered models with their task and paper.
+
+    Examples:
+
+        dlmodels models
+
+        dlmodels train --model unet3plus --output unet3plus.keras
+    """
     _quiet_tf()
     from rich.table import Table
 
@@ -511,7 +518,14 @@ def sample_cmd(
     overwrite: bool = False,
 ):
     """Draw samples from a trained VAE (prior samples) or conditional GAN (one row per class)
-    and write them as a PNG grid; z is drawn here, the model itself has no random op."""
+    and write them as a PNG grid; z is drawn here, the model itself has no random op.
+
+    Examples:
+
+        dlmodels sample cgan.keras --labels 0,3,7 --n 8 --output grid.png
+
+        dlmodels sample vae.keras --rows 4 --n 8 --output vae.png --npz vae.npz
+    """
     _quiet_tf()
     import numpy as np
 
@@ -684,8 +698,8 @@ def export_cmd(
     formats: Annotated[
         str | None,
         typer.Option(
-            help="comma list of keras,saved_model,onnx,int8; default: all four with --data, "
-            "all but int8 without"
+            help="comma list of keras,saved_model,onnx,int8,fp16,litert,litert_fp16,litert_int8; "
+            "default: keras,saved_model,onnx,int8 with --data, all but int8 without"
         ),
     ] = None,
     data: Annotated[
@@ -700,7 +714,10 @@ def export_cmd(
     ] = None,
     calibration_samples: Annotated[int, typer.Option(min=1)] = 64,
     verify_samples: Annotated[int, typer.Option(min=1)] = 64,
-    opset: Annotated[int, typer.Option(min=7, max=18)] = 17,
+    opset: Annotated[int, typer.Option(min=13, max=18, help="ONNX opset, 13..18")] = 17,
+    simplify: Annotated[
+        bool, typer.Option(help="simplify the ONNX graph with onnxslim (parity re-checked)")
+    ] = False,
     atol: Annotated[float, typer.Option(min=0.0, help="fp32 parity bar")] = 1e-4,
     int8_max_metric_drop: Annotated[float, typer.Option(min=0.0)] = 0.01,
     int8_min_agreement: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
@@ -718,14 +735,23 @@ def export_cmd(
     """Export a .keras model to .keras / SavedModel / ONNX / int8 ONNX, verify every artifact
     against Keras and write manifest.json. Task (segmentation / classification), classes,
     input shape and output kind are read from the model; calibration and verification data
-    come from --data (without it, parity is checked on random inputs and int8 is not made)."""
+    come from --data (without it, parity is checked on random inputs and int8 is not made).
+
+    Examples:
+
+        dlmodels export artifacts/model.keras --output-dir out --data data.npz
+
+        dlmodels export model.keras --output-dir out --data my_masks/ --ignore-index 255
+
+        dlmodels export model.keras --output-dir out --formats onnx --json
+    """
     _quiet_tf()
     from dlmodels import export
 
     wanted = None if formats is None else _parse_formats(formats, export.FORMATS)
     if data is not None:
         _existing_file(data, "file", "--data")
-    if "int8" in (wanted or []) and data is None:
+    if {"int8", "litert_int8"} & set(wanted or []) and data is None:
         raise typer.BadParameter(
             "int8 needs calibration data: pass --data DATA.npz|FOLDER, or drop int8",
             param_hint="--formats",
@@ -790,6 +816,7 @@ def export_cmd(
         metric_name=metric_name,
         calibration=calib,
         opset=opset,
+        simplify=simplify,
         atol=atol,
         int8_max_metric_drop=int8_max_metric_drop,
         int8_min_agreement=int8_min_agreement,
@@ -836,7 +863,14 @@ def verify_cmd(
 ):
     """Run an ONNX file in a fresh onnxruntime process and compare it with the Keras model.
     With labels (y) in --data, the task metric (mIoU / accuracy) is computed on both.
-    Exit status 1 when max |err| exceeds --atol."""
+    Exit status 1 when max |err| exceeds --atol.
+
+    Examples:
+
+        dlmodels verify artifacts/model.keras out/model.onnx --data data.npz --json
+
+        dlmodels verify model.keras out/model.onnx --samples 8 --atol 1e-5
+    """
     _quiet_tf()
     import dataclasses
 
@@ -901,7 +935,14 @@ def quantize_cmd(
     seed: Annotated[int, typer.Option(help="picks the calibration samples from --data")] = 0,
 ):
     """Quantize an ONNX file (static int8 QDQ with calibration data, dynamic int8, or fp16) and
-    print the settings used (reduce_range, calibration samples, ...)."""
+    print the settings used (reduce_range, calibration samples, ...).
+
+    Examples:
+
+        dlmodels quantize out/model.onnx out/model.int8.onnx --data data.npz
+
+        dlmodels quantize forecaster.onnx forecaster.dynamic.onnx --mode dynamic --json
+    """
     _quiet_tf()
     from dlmodels import export
 
@@ -962,7 +1003,15 @@ def demo_cmd(
     seed: int = 0,
 ):
     """Train a U-Net on synthetic shapes, export .keras / SavedModel / ONNX / int8 ONNX, verify
-    every artifact against Keras and print size, parity, mIoU and batch-1 latency side by side."""
+    every artifact against Keras and print size, parity, mIoU and batch-1 latency side by side.
+    Exit status 1 when a quality bar is missed.
+
+    Examples:
+
+        dlmodels demo
+
+        dlmodels demo --output-dir /tmp/smoke --image-size 32x32 --epochs 1 --train-samples 32
+    """
     _quiet_tf()
     size = None if image_size is None else _parse_size(image_size)
     from dlmodels import demo
@@ -989,7 +1038,14 @@ def bench_cmd(
     iters: Annotated[int, typer.Option(min=1)] = 50,
     json_output: Annotated[bool, typer.Option("--json", help="print only the JSON")] = False,
 ):
-    """Batch-1 latency of Keras/TF, ONNX fp32 and int8 measured side by side; writes JSON."""
+    """Batch-1 latency of Keras/TF, ONNX fp32 and int8 measured side by side; writes JSON.
+
+    Examples:
+
+        dlmodels bench
+
+        dlmodels bench artifacts/model.keras --iters 100 --output bench.json --json
+    """
     _quiet_tf()
     if model_path is not None:
         _existing_file(model_path, "model file", "MODEL_PATH")
@@ -1009,11 +1065,20 @@ def bench_cmd(
 )
 def serve_cmd(ctx: typer.Context):
     """Serve a model repository over the TF Serving REST and KServe v2 protocols
-    (onnxruntime, no TensorFlow): `dlmodels serve --model-repository repo/`; `dlmodels serve
-    --help` for the options. Same as `python -m serving`."""
+    (onnxruntime, no TensorFlow); `dlmodels serve --help` for the options. Same as
+    `python -m serving`.
+
+    Examples:
+
+        dlmodels serve --model-repository artifacts/
+
+        dlmodels serve --model-repository repo/ --format int8 --port 8080
+
+        dlmodels serve --model-repository repo/ --check
+    """
     from serving.__main__ import main as serve_main
 
-    raise typer.Exit(serve_main(list(ctx.args)))
+    raise typer.Exit(_delegate(ctx, serve_main))
 
 
 @app.command(
@@ -1023,10 +1088,51 @@ def serve_cmd(ctx: typer.Context):
 )
 def launch_cmd(ctx: typer.Context):
     """Run a training command on N local workers (generated TF_CONFIG), or write a Kubeflow
-    TFJob: `dlmodels launch -n 2 -- python train.py`; `dlmodels launch --help` for the rest."""
+    TFJob; `dlmodels launch --help` for the options.
+
+    Examples:
+
+        dlmodels launch -n 2 -- python train.py --epochs 3
+
+        dlmodels launch -n 8 --tfjob job.yaml --image reg/dlmodels:1 --gpus 1 -- python train.py
+    """
+    _quiet_tf()  # the launcher imports TensorFlow: keep its start-up lines off stderr
     from dlmodels.training.launch import main as launch_main
 
-    raise typer.Exit(launch_main(list(ctx.args)))
+    raise typer.Exit(_delegate(ctx, launch_main))
+
+
+def _examples(ctx: typer.Context) -> str:
+    """The "Examples:" part of a command's docstring, dedented (empty when it has none)."""
+    import textwrap
+
+    text = ctx.command.help or ""
+    _, sep, tail = text.partition("Examples:")
+    return "Examples:\n" + textwrap.indent(textwrap.dedent(tail).strip("\n"), "  ") if sep else ""
+
+
+def _delegate(ctx: typer.Context, main) -> int:
+    """Run a verb whose options an argparse parser owns (serve, launch) on the arguments after
+    the verb. Its `--help` gets the verb's examples appended, as typer's verbs show theirs."""
+    import contextlib
+    import io
+
+    args = list(ctx.args)
+    own = args[: args.index("--")] if "--" in args else args  # after --: the user's command
+    if "-h" not in own and "--help" not in own:
+        return main(args)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            main(args)
+    except SystemExit as done:  # argparse exits after printing the help
+        if done.code not in (0, None):
+            raise
+    help_text = text.getvalue().rstrip("\n")
+    if "Examples:" not in help_text:  # the parser may carry them itself (an epilog)
+        help_text += "\n\n" + _examples(ctx)
+    typer.echo(help_text)
+    return 0
 
 
 def main(argv: list[str] | None = None):

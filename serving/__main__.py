@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m serving",
         description="dlmodels model server: TF Serving REST and KServe v2 over onnxruntime "
         "(TensorFlow-free).",
+        epilog="Examples:\n"
+        "  dlmodels serve --model-repository artifacts/\n"
+        "  dlmodels serve --model-repository repo/ --format int8 --port 8080\n"
+        "  dlmodels serve --model-repository repo/ --check\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--model-repository",

@@ -123,3 +123,65 @@ def test_verb_success_and_user_error(verb, files, tmp_path):
         assert ok.stdout.count("hello") == 2
     bad = run(*_fill(bad_args, files, tmp_path), cwd=tmp_path, columns=40)  # no wrapping
     assert_one_line_user_error(bad, *fragments)
+
+
+# -- --help: every verb shows examples that its own parser accepts --------------------------
+
+KNOWN_VERBS = {"models", "train", "sample", "export", "verify", "quantize", "demo", "bench"}
+KNOWN_VERBS |= {"serve", "launch"}
+
+
+def _verbs():
+    import typer
+
+    from dlmodels.cli import app
+
+    return typer.main.get_command(app).commands  # every registered verb, new ones included
+
+
+def _help(entry, verb, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "200")  # one example per line, no wrapping
+    with pytest.raises(SystemExit) as done:
+        entry([verb, "--help"])
+    assert done.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def _examples(text: str, verb: str) -> list[list[str]]:
+    import shlex
+
+    assert "Examples:" in text, text
+    tail = text.split("Examples:", 1)[1]
+    lines = [line.strip() for line in tail.splitlines()]
+    mine = [line for line in lines if f"{line} ".startswith(f"dlmodels {verb} ")]
+    return [shlex.split(line)[2:] for line in mine]
+
+
+def test_the_verb_list_is_complete():
+    assert set(_verbs()) >= KNOWN_VERBS, sorted(_verbs())
+
+
+def test_every_verb_help_shows_examples_its_parser_accepts(capsys, monkeypatch):
+    """`dlmodels VERB --help` for every registered verb (a new verb without examples fails):
+    an "Examples:" part with `dlmodels VERB ...` lines that the verb's own parser accepts."""
+    from dlmodels.cli import main
+    from serving.__main__ import build_parser
+
+    commands = _verbs()
+    for verb in sorted(commands):
+        text = _help(main, verb, capsys, monkeypatch)
+        examples = _examples(text, verb)
+        assert examples, f"`dlmodels {verb} --help` shows no `dlmodels {verb} ...` example:\n{text}"
+        if verb in ("verify", "bench", "export", "quantize"):
+            assert "--json" in text, verb
+        for args in examples:  # parse only: a wrong option or value in an example fails here
+            if verb == "serve":
+                build_parser().parse_args(args)
+            elif verb != "launch":  # argparse.REMAINDER: anything after -- parses
+                commands[verb].make_context(verb, list(args)).close()
+
+
+def test_console_script_serve_help_shows_examples(capsys, monkeypatch):
+    from dlmodels.__main__ import main
+
+    assert _examples(_help(main, "serve", capsys, monkeypatch), "serve")

@@ -37,3 +37,38 @@ def test_readme_python_block_runs(index, tmp_path):
         },
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+COMMAND_LINES = [
+    line
+    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    for line in block.splitlines()
+    if line.startswith(("dlmodels ", "python -m serving "))
+]
+
+
+def test_readme_command_lines_parse():
+    """Every `dlmodels ...` / `python -m serving ...` line of the README parses with the verb's
+    own parser (nothing runs): a renamed option or a removed verb fails here."""
+    import shlex
+
+    import typer
+
+    from dlmodels.cli import app
+    from serving.__main__ import build_parser
+
+    commands = typer.main.get_command(app).commands
+    assert len(COMMAND_LINES) >= 10, COMMAND_LINES
+    for line in COMMAND_LINES:
+        args = shlex.split(line, comments=True)
+        if args[:3] == ["python", "-m", "serving"]:
+            build_parser().parse_args(args[3:])
+            continue
+        verb, rest = args[1], args[2:]
+        assert verb in commands, line
+        if verb == "serve":
+            build_parser().parse_args(rest)
+        elif verb == "launch":  # argparse.REMAINDER after --
+            assert "--" in rest, line
+        else:
+            commands[verb].make_context(verb, rest).close()

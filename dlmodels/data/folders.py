@@ -428,6 +428,38 @@ def _check_size(image_size, owner):
     return None if image_size is None else normalize_tuple("image_size", image_size, 2, owner=owner)
 
 
+def _check_common(path, image_size, channels, fractions, owner):
+    """The arguments both loaders take: `(root, image_size, channels, fractions)`, checked."""
+    root = _existing_dir(path, owner)
+    image_size = _check_size(image_size, owner)
+    channels = _check_channels(channels, owner)
+    fractions = _check_fractions(fractions, owner)
+    if len(fractions) != len(SPLITS):
+        raise UserError(f"{owner}: `fractions` needs 3 shares (train, validation, test).")
+    return root, image_size, channels, fractions
+
+
+def _folder_data(task, x, y, paths, class_names, *, root, channels, ignore_index, fractions, seed):
+    """Split and assemble the `FolderData` both loaders return: the seeded split of
+    `split_indices` (stratified by label for classification), files relative to `root`."""
+    stratify = y if task == "classification" else None
+    parts = split_indices(len(y), fractions, seed, labels=stratify)
+    return FolderData(
+        task=task,
+        images=x,
+        labels=y,
+        files=tuple(str(p.relative_to(root)) for p in paths),
+        class_names=tuple(class_names),
+        image_size=tuple(x.shape[1:3]),
+        channels=channels,
+        ignore_index=ignore_index,
+        splits=dict(zip(SPLITS, parts, strict=True)),
+        seed=seed,
+        fractions=fractions,
+        root=str(root),
+    )
+
+
 def _decode_images(paths: list[Path], image_size, channels, root: Path, owner: str):
     """Open every image, check channel counts and sizes agree (unless converted / resized) and
     return float32 (N, H, W, C), the opened sizes as (H, W), and C."""
@@ -525,12 +557,9 @@ def load_segmentation_folder(
             channel counts or sizes without `channels` / `image_size`; a colour or JPEG mask.
     """
     owner = "load_segmentation_folder"
-    root = _existing_dir(path, owner)
-    image_size = _check_size(image_size, owner)
-    channels = _check_channels(channels, owner)
-    fractions = _check_fractions(fractions, owner)
-    if len(fractions) != len(SPLITS):
-        raise UserError(f"{owner}: `fractions` needs 3 shares (train, validation, test).")
+    root, image_size, channels, fractions = _check_common(
+        path, image_size, channels, fractions, owner
+    )
     if num_classes is not None:
         num_classes = check_positive_int("num_classes", num_classes, owner=owner)
     if ignore_index is not None and (
@@ -610,21 +639,11 @@ def load_segmentation_folder(
                 f"{owner}: every mask in {root / 'masks'} holds only label 0; segmentation "
                 "needs at least 2 classes (0 background, 1.. objects)."
             )
-    parts = split_indices(len(stems), fractions, seed)
-    return FolderData(
-        task="segmentation",
-        images=x,
-        labels=y,
-        files=tuple(str(p.relative_to(root)) for p in image_paths),
-        class_names=tuple(str(k) for k in range(num_classes)),
-        image_size=size,
-        channels=channels,
-        ignore_index=ignore_index,
-        splits=dict(zip(SPLITS, parts, strict=True)),
-        seed=seed,
-        fractions=fractions,
-        root=str(root),
-    )
+    names = [str(k) for k in range(num_classes)]
+    return _folder_data(
+        "segmentation", x, y, image_paths, names, root=root, channels=channels,
+        ignore_index=ignore_index, fractions=fractions, seed=seed,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ classification
@@ -655,12 +674,9 @@ def load_classification_folder(
             file, mixed channel counts or sizes without `channels` / `image_size`.
     """
     owner = "load_classification_folder"
-    root = _existing_dir(path, owner)
-    image_size = _check_size(image_size, owner)
-    channels = _check_channels(channels, owner)
-    fractions = _check_fractions(fractions, owner)
-    if len(fractions) != len(SPLITS):
-        raise UserError(f"{owner}: `fractions` needs 3 shares (train, validation, test).")
+    root, image_size, channels, fractions = _check_common(
+        path, image_size, channels, fractions, owner
+    )
     classes = _subfolders(root)
     if not classes:
         raise UserError(f"{owner}: {root} has no class sub-folders. {_LAYOUTS}")
@@ -682,21 +698,11 @@ def load_classification_folder(
         labels += [k] * len(files)
     x, _, channels = _decode_images(paths, image_size, channels, root, owner)
     y = np.asarray(labels, np.int32)
-    parts = split_indices(len(y), fractions, seed, labels=y)
-    return FolderData(
-        task="classification",
-        images=x,
-        labels=y,
-        files=tuple(str(p.relative_to(root)) for p in paths),
-        class_names=tuple(c.name for c in classes),
-        image_size=tuple(x.shape[1:3]),
-        channels=channels,
-        ignore_index=None,
-        splits=dict(zip(SPLITS, parts, strict=True)),
-        seed=seed,
-        fractions=fractions,
-        root=str(root),
-    )
+    names = [c.name for c in classes]
+    return _folder_data(
+        "classification", x, y, paths, names, root=root, channels=channels, ignore_index=None,
+        fractions=fractions, seed=seed,
+    )  # fmt: skip
 
 
 def load_folder(

@@ -331,3 +331,19 @@ def test_trainer_fits_on_folder_data_with_ignore_index(tmp_path):
     )
     losses = [v for k, vs in history.items() if "loss" in k for v in np.ravel(vs)]
     assert losses and np.all(np.isfinite(losses))
+
+
+def test_classification_split_is_stratified_by_largest_remainder(tmp_path):
+    """Each class is cut on its own: bird 3, cat 5, dog 4 at (0.5, 0.25, 0.25) gives per class
+    train 1 / 3 / 2 (3 * 0.5 = 1.5 loses its half to the larger 0.75 remainders; 5 * 0.5 = 2.5
+    keeps it), validation 1 / 1 / 1 and test 1 / 1 / 1, for every seed."""
+    _cls_folder(tmp_path)
+    for seed in (0, 1):
+        data = folders.load_classification_folder(tmp_path, fractions=(0.5, 0.25, 0.25), seed=seed)
+        per_class = {
+            s: np.bincount(data.arrays(s)[1], minlength=3).tolist() for s in folders.SPLITS
+        }
+        assert per_class == {"train": [1, 3, 2], "validation": [1, 1, 1], "test": [1, 1, 1]}
+        expected = folders.split_indices(12, (0.5, 0.25, 0.25), seed, labels=data.labels)
+        for name, idx in zip(folders.SPLITS, expected, strict=True):
+            np.testing.assert_array_equal(data.splits[name], idx)

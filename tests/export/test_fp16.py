@@ -35,7 +35,9 @@ def test_weights_are_fp16_and_resize_stays_fp32(onnx_file, fp16_file):
     )
     assert n_weights > 6000
     fp32_size, fp16_size = onnx_file.stat().st_size, fp16_file.stat().st_size
-    assert fp32_size - fp16_size == pytest.approx(2 * n_weights, rel=0.1)
+    # The added Cast nodes cost a few hundred bytes, more with the longer layer names a
+    # session-scoped model gets when other tests built models first: a one-sided margin.
+    assert 0.8 * 2 * n_weights <= fp32_size - fp16_size <= 2 * n_weights
     io = export.onnx_io(fp16_file)
     assert [(t["name"], t["dtype"]) for t in io["inputs"]] == [("image", "float32")]
     assert [(t["name"], t["dtype"]) for t in io["outputs"]] == [("logits", "float32")]
