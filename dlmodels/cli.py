@@ -928,6 +928,9 @@ def quantize_cmd(
     reduce_range: Annotated[
         str, typer.Option(help="auto (from this CPU's instruction set), on or off")
     ] = "auto",
+    calibration_method: Annotated[
+        str, typer.Option(help="static mode's activation ranges: minmax, entropy or percentile")
+    ] = "minmax",
     calibration_samples: Annotated[int, typer.Option(min=1)] = 256,
     image_size: Annotated[str | None, typer.Option(help="HxW for dynamic-size inputs")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the settings as JSON")] = False,
@@ -942,6 +945,8 @@ def quantize_cmd(
         dlmodels quantize out/model.onnx out/model.int8.onnx --data data.npz
 
         dlmodels quantize forecaster.onnx forecaster.dynamic.onnx --mode dynamic --json
+
+        dlmodels quantize model.onnx model.int8.onnx --data data.npz --calibration-method entropy
     """
     _quiet_tf()
     from dlmodels import export
@@ -986,12 +991,18 @@ def quantize_cmd(
         reduce_range=reduce,
         max_calibration_samples=calibration_samples,
         overwrite=overwrite,
+        **({"calibration_method": calibration_method} if mode == "static" else {}),
     )
     settings = {"path": str(report.path), **report.settings()}
     if json_output:
         sys.stdout.write(json.dumps(settings) + "\n")
-    else:
-        typer.echo(" ".join(f"{k}={v}" for k, v in settings.items()))
+        return
+    shown = dict(settings)
+    coverage = shown.pop("coverage", None)
+    shown.pop("selection", None)
+    if coverage:  # one line instead of every node: "compute ops int8=12/12"
+        shown["compute_ops_int8"] = f"{coverage['compute_int8']}/{coverage['compute_total']}"
+    typer.echo(" ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 @app.command("demo")

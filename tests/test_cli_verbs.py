@@ -8,6 +8,7 @@ tests/test_cli.py (in process, full settings). Here the demo runs with tiny sett
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,15 @@ VERBS = {
         ["7"],
     ),
     "quantize": (
-        ["quantize", "{root}/repo/unet/model.onnx", "{tmp}/q.onnx", "--data", "{root}/data.npz"],
+        [
+            "quantize",
+            "{root}/repo/unet/model.onnx",
+            "{tmp}/q.onnx",
+            "--data",
+            "{root}/data.npz",
+            "--calibration-method",
+            "entropy",
+        ],
         ["quantize", "{root}/repo/unet/model.onnx", "{tmp}/q.onnx"],
         ["--data"],
     ),
@@ -121,6 +130,10 @@ def test_verb_success_and_user_error(verb, files, tmp_path):
         assert json.loads(ok.stdout)
     if verb == "launch":
         assert ok.stdout.count("hello") == 2
+    if verb == "quantize":  # the method asked for; the tiny U-Net's 2 ConvTranspose stay float
+        assert "calibration_method=entropy" in ok.stdout
+        int8, total = re.search(r"compute_ops_int8=(\d+)/(\d+)", ok.stdout).groups()
+        assert (int(int8), int(total)) == (11, 13)
     bad = run(*_fill(bad_args, files, tmp_path), cwd=tmp_path, columns=40)  # no wrapping
     assert_one_line_user_error(bad, *fragments)
 

@@ -10,9 +10,12 @@ MatMul in the same runtime and precision (onnxruntime MatMul fp32 / fp16, MatMul
 u8 x s8 for int8, OpenVINO MatMul f32 / bf16), with the same threads. Each row also carries its
 max |err| and argmax agreement against Keras on the timed batch. Results go to
 `benchmarks/results/export_<model>.json` with the load average before and after (the machine
-is shared: read the numbers with it).
+is shared: read the numbers with it), the int8 file's quantization settings with the share of
+ops that run in int8 (`dlmodels.export.quantize.quantized_ops`) and, with `--profile`, where the
+time goes: onnxruntime's profiler per op type, fp32 and int8 side by side (`profile_ort`,
+`compare_profiles`).
 
-    python -m dlmodels.bench.export --model resnet50
+    python -m dlmodels.bench.export --model resnet50 --profile
     python -m dlmodels.bench.export --model unet --iters 50
 """
 
@@ -202,6 +205,160 @@ def _peak_for(key: str, precision: str, peaks: Mapping[str, dict]) -> tuple[str 
     return best, (peaks[best]["gops"] if best else float("nan"))
 
 
+# -- where the time goes ---------------------------------------------------------------------
+
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def profile_ort(
+    onnx_path: str | os.PathLike,
+    inputs,
+    *,
+    threads: int | None = None,
+    iters: int = 10,
+    warmup: int = 3,
+    optimization: str = "all",
+) -> dict:
+    """Per-op-type time of one onnxruntime CPU session, from onnxruntime's own profiler.
+
+    The session runs with `SessionOptions.enable_profiling`; every node's `*_kernel_time` event
+    of the timed calls (the warm-up calls are left out) is summed by the op type onnxruntime
+    actually ran (after its graph optimizations: `QLinearConv`, `Conv` / fused `FusedConv`,
+    `NchwcConv`, `QuantizeLinear`, ...), so an int8 graph shows which ops stayed float and what
+    the quantize / dequantize and layout changes cost.
+
+    Args:
+        onnx_path: the .onnx file.
+        inputs: one array (single-input graphs) or a dict by input name.
+        threads: intra-op threads (None: onnxruntime's default).
+        iters: profiled calls (averaged).
+        warmup: unprofiled calls first (the profiler starts after them).
+        optimization: graph optimization level: "disable", "basic", "extended" or "all".
+
+    Returns:
+        {"kernel_ms_per_call": sum of kernel times per call, "wall_ms_per_call": mean wall time
+        of a profiled call, "iters", "optimization", "by_op_type": {op type: {"ms_per_call",
+        "share" (of kernel time), "nodes" (distinct nodes)}}} with op types by time, largest
+        first.
+    """
+    import json
+
+    import onnxruntime as ort
+
+    if optimization not in _OPT_LEVELS:
+        raise UserError(f"optimization must be one of {_OPT_LEVELS}, got {optimization!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise UserError(f"iters must be an int >= 1, got {iters!r}")
+    level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    with tempfile.TemporaryDirectory(prefix="dlmodels-profile-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        feeds = dict(inputs) if isinstance(inputs, Mapping) else {sess.get_inputs()[0].name: inputs}
+        for _ in range(max(warmup, 0)):
+            sess.run(None, feeds)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            sess.run(None, feeds)
+        wall = (time.perf_counter() - t0) / iters
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    # Only the node events inside the last `iters` runs count (not set-up, not warm-up).
+    runs = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )[-iters:]
+    by_op: dict[str, dict] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if not any(lo <= e["ts"] <= hi for lo, hi in runs):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        entry = by_op.setdefault(op, {"us": 0.0, "nodes": set()})
+        entry["us"] += float(e["dur"])
+        entry["nodes"].add(e["name"])
+    total_us = sum(v["us"] for v in by_op.values())
+    table = {
+        op: {
+            "ms_per_call": v["us"] / iters / 1e3,
+            "share": v["us"] / total_us if total_us else 0.0,
+            "nodes": len(v["nodes"]),
+        }
+        for op, v in sorted(by_op.items(), key=lambda kv: -kv[1]["us"])
+    }
+    return {
+        "kernel_ms_per_call": total_us / iters / 1e3,
+        "wall_ms_per_call": wall * 1e3,
+        "iters": iters,
+        "optimization": optimization,
+        "by_op_type": table,
+    }
+
+
+_OP_FAMILY = {
+    "QLinearConv": "Conv",
+    "FusedConv": "Conv",
+    "NchwcConv": "Conv",
+    "ConvInteger": "Conv",
+    "QLinearMatMul": "MatMul",
+    "MatMulInteger": "MatMul",
+    "FusedMatMul": "MatMul",
+    "FusedGemm": "Gemm",
+    "QGemm": "Gemm",
+    "QLinearAdd": "Add",
+    "QLinearMul": "Mul",
+    "QLinearConcat": "Concat",
+    "QLinearGlobalAveragePool": "GlobalAveragePool",
+    "QLinearAveragePool": "AveragePool",
+    "NhwcMaxPool": "MaxPool",
+    "NchwcMaxPool": "MaxPool",
+    "Upsample": "Resize",
+    "NchwcUpsample": "Resize",
+    "QuantizeLinear": "Quantize / Dequantize",
+    "DequantizeLinear": "Quantize / Dequantize",
+    "DynamicQuantizeLinear": "Quantize / Dequantize",
+    "ReorderInput": "layout (NCHWc reorder)",
+    "ReorderOutput": "layout (NCHWc reorder)",
+}
+"""onnxruntime's kernel op types -> the ONNX op they implement, to line fp32 and int8 up."""
+
+
+def compare_profiles(fp32: Mapping, int8: Mapping) -> list[dict]:
+    """fp32 and int8 `profile_ort` results side by side, by the ONNX op each kernel implements
+    (`QLinearConv`, `NchwcConv` and `FusedConv` are all "Conv"), largest int8 time first.
+
+    Returns:
+        rows {"op", "fp32_ms", "int8_ms", "speedup" (fp32 / int8, None where one is 0),
+        "int8_share", "int8_kernels"} per call.
+    """
+    table: dict[str, dict] = {}
+    for key, prof in (("fp32", fp32), ("int8", int8)):
+        for op, v in prof["by_op_type"].items():
+            family = _OP_FAMILY.get(op, op)
+            row = table.setdefault(
+                family, {"op": family, "fp32_ms": 0.0, "int8_ms": 0.0, "int8_kernels": []}
+            )
+            row[f"{key}_ms"] += v["ms_per_call"]
+            if key == "int8":
+                row["int8_kernels"].append(op)
+    total = sum(r["int8_ms"] for r in table.values()) or 1.0
+    rows = sorted(table.values(), key=lambda r: (-r["int8_ms"], -r["fp32_ms"]))
+    for r in rows:
+        r["speedup"] = r["fp32_ms"] / r["int8_ms"] if r["fp32_ms"] and r["int8_ms"] else None
+        r["int8_share"] = r["int8_ms"] / total
+    return rows
+
+
 # -- the benchmark ---------------------------------------------------------------------------
 
 
@@ -219,12 +376,22 @@ def _set_tf_threads(threads: int) -> str:
         )
 
 
-def _export_all(model, tmp: Path, calibration: np.ndarray, verbose: bool) -> tuple[dict, dict]:
+def _export_all(
+    model, tmp: Path, calibration: np.ndarray, verbose: bool
+) -> tuple[dict, dict, dict]:
+    """Every artifact of `model` in `tmp`: (paths, seconds per export, int8 settings)."""
     from dlmodels import export
     from dlmodels.export import fp16
     from dlmodels.export import openvino as ovx
 
-    paths, seconds = {}, {}
+    paths, seconds, int8_settings = {}, {}, {}
+
+    def int8():
+        report = export.quantize_with_report(
+            paths["onnx"], tmp / "model.int8.onnx", calibration=calibration, batch_size=8
+        )
+        int8_settings.update(report.settings())
+        return report.path
 
     def step(key, fn):
         t0 = time.perf_counter()
@@ -233,15 +400,10 @@ def _export_all(model, tmp: Path, calibration: np.ndarray, verbose: bool) -> tup
         _log(verbose, f"  {key}: {seconds[key]:.1f} s")
 
     step("onnx", lambda: export.to_onnx(model, tmp / "model.onnx"))
-    step(
-        "int8",
-        lambda: export.quantize(
-            paths["onnx"], tmp / "model.int8.onnx", calibration=calibration, batch_size=8
-        ),
-    )
+    step("int8", int8)
     step("fp16", lambda: fp16.to_fp16(paths["onnx"], tmp / "model.fp16.onnx"))
     step("openvino_ir", lambda: ovx.to_openvino(paths["onnx"], tmp / "openvino").parent)
-    return paths, seconds
+    return paths, seconds, int8_settings
 
 
 def _predictors(model, paths: Mapping[str, Path], threads: int) -> dict:
@@ -290,6 +452,8 @@ def run(
     peak_size: int = 1024,
     peak_iters: int = 20,
     seed: int = 0,
+    profile: bool = False,
+    profile_iters: int = 5,
     verbose: bool = True,
 ) -> dict:
     """Export one model to every precision, time each runtime at each batch, write the JSON.
@@ -307,19 +471,27 @@ def run(
         peak_size: n of the n x n x n MatMul peaks.
         peak_iters: timed MatMul calls per peak.
         seed: weights and inputs.
+        profile: also profile onnxruntime fp32 and int8 at each batch (`profile_ort`, after the
+            timings, so the profiler never slows a timed call) and put the per-op-type times
+            side by side (`compare_profiles`) under "profiles".
+        profile_iters: profiled calls per runtime and batch.
 
     Returns:
-        The payload written: settings, MACs, peaks, load averages and one row per
-        (runtime, batch) with p50/p90/mean ms, images/s, GOP/s, fraction of the peak, speed-up
-        over onnxruntime fp32 and TF, and parity against Keras on the timed batch.
+        The payload written: settings, MACs, peaks, load averages, the int8 file's quantization
+        settings with the share of ops quantized ("int8_quantization"), optional "profiles",
+        and one row per (runtime, batch) with p50/p90/mean ms, images/s, GOP/s, fraction of the
+        peak, speed-up over onnxruntime fp32 and TF, and parity against Keras on the timed batch.
     """
     import keras
 
+    from dlmodels._progress import track
     from dlmodels.bench.flops import count_macs
     from dlmodels.bench.harness import compare_predictors, machine_info, write_results
     from dlmodels.runtime import default_threads
 
-    for name, value in (("iters", iters), ("iters_large", iters_large), ("rounds", rounds)):
+    checked = (("iters", iters), ("iters_large", iters_large), ("rounds", rounds))
+    checked += (("profile_iters", profile_iters),)
+    for name, value in checked:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be an int >= 1, got {value!r}")
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
@@ -338,10 +510,16 @@ def run(
     peaks_before = measure_peaks(n=peak_size, threads=threads, iters=peak_iters)
     for k, v in peaks_before.items():
         _log(verbose, f"  {k}: {v['gops']:.0f} GOP/s")
-    rows = []
+    rows, profiles = [], {}
     with tempfile.TemporaryDirectory(prefix="dlmodels-bench-export-") as tmp:
         _log(verbose, "exports ...")
-        paths, export_seconds = _export_all(model, Path(tmp), calibration, verbose)
+        paths, export_seconds, int8_settings = _export_all(model, Path(tmp), calibration, verbose)
+        cov = int8_settings["coverage"]
+        _log(
+            verbose,
+            f"  int8: {cov['int8_nodes']}/{cov['int8_nodes'] + cov['float_nodes']} nodes in int8 "
+            f"({cov['compute_int8']}/{cov['compute_total']} Conv/MatMul/Gemm)",
+        )
         sizes = {
             "onnx": paths["onnx"].stat().st_size,
             "int8": paths["int8"].stat().st_size,
@@ -358,7 +536,7 @@ def run(
             "openvino_int8": "int8",
         }
         predictors = _predictors(model, paths, threads)
-        for batch in batches:
+        for batch in track(list(batches), f"timing {model_name}"):
             x = rng.uniform(0, 1, (batch, *input_shape)).astype(np.float32)
             reference = np.asarray(model(x, training=False))
             n = iters if batch == 1 else iters_large
@@ -403,6 +581,22 @@ def run(
                     f"vs ORT fp32  max|err| {row['max_abs_error_vs_keras']:.2e} (|keras| max "
                     f"{row['max_abs_keras']:.2e})",
                 )
+            if profile:
+                prof = {
+                    key: profile_ort(
+                        paths[artifact_of[key]], x, threads=threads, iters=profile_iters
+                    )
+                    for key in ("ort_fp32", "ort_int8")
+                }
+                prof["by_op"] = compare_profiles(prof["ort_fp32"], prof["ort_int8"])
+                profiles[f"batch_{batch}"] = prof
+                for r in prof["by_op"][:6]:
+                    speedup = f"x{r['speedup']:.2f}" if r["speedup"] else "-"
+                    _log(
+                        verbose,
+                        f"    {r['op']:24s} fp32 {r['fp32_ms']:8.2f} ms  int8 {r['int8_ms']:8.2f}"
+                        f" ms ({100 * r['int8_share']:4.1f}% of int8)  {speedup}",
+                    )
     # Peaks again after the model timings: on a shared machine the load changes during the run,
     # and a peak measured in a busy minute would flatter every row; each row is judged against
     # the higher of the two.
@@ -442,6 +636,8 @@ def run(
         "peaks_before": peaks_before,
         "peaks_after": peaks_after,
         "export_seconds": export_seconds,
+        "int8_quantization": int8_settings,
+        **({"profiles": profiles} if profile else {}),
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),
         "rows": rows,
@@ -527,7 +723,7 @@ def accuracy(
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="dlmodels-bench-acc-") as tmp:
-        paths, _ = _export_all(model, Path(tmp), calib.astype(np.float32), verbose)
+        paths, _, int8_settings = _export_all(model, Path(tmp), calib.astype(np.float32), verbose)
         predictors = _predictors(model, paths, threads)
         predictors = {"tf": keras_predictor(model), **predictors}
         reference = np.concatenate(
@@ -562,6 +758,7 @@ def accuracy(
         "model": "unet",
         "training": {**settings, "image_size": list(size)},
         "keras_miou": keras_miou,
+        "int8_quantization": int8_settings,
         "train_seconds": result.train_seconds,
         "data": f"dlmodels.data.shapes test split ({test_samples} images); int8 calibrated on "
         f"{calibration_samples} train-split images",
@@ -603,6 +800,12 @@ def main(argv=None):
     parser.add_argument("--peak-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile onnxruntime fp32 and int8 per op type (onnxruntime's profiler)",
+    )
+    parser.add_argument("--profile-iters", type=int, default=5)
+    parser.add_argument(
         "--accuracy",
         action="store_true",
         help="instead of latency: train the demo U-Net briefly and report each precision's mIoU",
@@ -626,6 +829,8 @@ def main(argv=None):
         threads=args.threads,
         peak_size=args.peak_size,
         seed=args.seed,
+        profile=args.profile,
+        profile_iters=args.profile_iters,
     )
 
 

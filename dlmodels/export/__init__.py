@@ -57,6 +57,8 @@ from dlmodels.export.quantize import (
     default_reduce_range,
     quantize,
     quantize_with_report,
+    quantized_ops,
+    select_quantization,
 )
 from dlmodels.export.saved_model import to_saved_model
 from dlmodels.export.verify import (
@@ -115,8 +117,10 @@ __all__ = [
     "op_counts",
     "quantize",
     "quantize_with_report",
+    "quantized_ops",
     "replace_rnn_loops",
     "sample_dict",
+    "select_quantization",
     "simplify_onnx",
     "to_fp16",
     "to_keras",

@@ -376,6 +376,10 @@ def write_repository(
     per_channel: bool = True,
     reduce_range: bool | None = None,
     max_calibration_samples: int | None = 256,
+    int8_held_out=None,
+    int8_selection_metric=None,
+    int8_selection_greater_is_better: bool = False,
+    int8_candidates=None,
     task: str | None = None,
     num_classes: int | None = None,
     benchmark: bool = False,
@@ -435,6 +439,12 @@ def write_repository(
         per_channel / reduce_range / max_calibration_samples: static int8 settings
             (reduce_range None: chosen from this CPU, see `default_reduce_range`);
             max_calibration_samples also caps the LiteRT representative dataset.
+        int8_held_out: inputs (not the calibration data) on which the int8 settings are chosen:
+            with it, `select_quantization` tries `int8_candidates` (None: its default grid of
+            calibration methods, per-channel on/off, first/last conv in float) and keeps the best
+            by `int8_selection_metric(outputs, fp32_outputs)` (None: mean abs error against the
+            fp32 ONNX model; `int8_selection_greater_is_better` for accuracy-like metrics); the
+            manifest's `quantization.selection` records every candidate's score and the choice.
         task / num_classes: recorded in the manifest; None: read from the model's first output
             (rank 4 with C > 1: segmentation, rank 2: classification).
         benchmark: time batch-1 latency of Keras and each artifact side by side (off by
@@ -601,16 +611,26 @@ def write_repository(
                     )
                 )
             elif fmt == "int8":
-                q = export.quantize_with_report(
-                    onnx_file(),
-                    targets["int8"],
-                    calibration=feeds if calibration is None else calibration,
-                    mode="static",
-                    per_channel=per_channel,
-                    reduce_range=reduce_range,
-                    max_calibration_samples=max_calibration_samples,
-                    overwrite=overwrite,
-                )
+                q_kw = {
+                    "calibration": feeds if calibration is None else calibration,
+                    "reduce_range": reduce_range,
+                    "max_calibration_samples": max_calibration_samples,
+                    "overwrite": overwrite,
+                }
+                if int8_held_out is not None:
+                    q = export.select_quantization(
+                        onnx_file(),
+                        targets["int8"],
+                        held_out=int8_held_out,
+                        metric=int8_selection_metric,
+                        greater_is_better=int8_selection_greater_is_better,
+                        candidates=int8_candidates,
+                        **q_kw,
+                    )
+                else:
+                    q = export.quantize_with_report(
+                        onnx_file(), targets["int8"], mode="static", per_channel=per_channel, **q_kw
+                    )
                 report = export.verify(model, q.path, feeds, atol=np.inf, **verify_kw)
                 # With atol=inf, report.passed means: every output finite.
                 ok, judged = int8_bars(report.passed, report.agreement, report.metric_onnx)

@@ -27,9 +27,12 @@ def test_every_row_present_and_consistent(tmp_path):
         calibration_samples=4,
         peak_size=64,
         peak_iters=2,
+        profile=True,
+        profile_iters=2,
         verbose=False,
     )
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(payload["rows"]))
+    assert json.loads(out.read_text())["profiles"] == json.loads(json.dumps(payload["profiles"]))
     rows = {(r["runtime"], r["batch"]): r for r in payload["rows"]}
     keys = [k for k, _, _ in bench.RUNTIMES]
     assert set(rows) == {(k, b) for k in keys for b in (1, 2)}
@@ -69,6 +72,61 @@ def test_every_row_present_and_consistent(tmp_path):
     assert len(payload["load_average_before"]) == 3 and len(payload["load_average_after"]) == 3
     assert payload["threads"]["runtimes"] == 1
     assert np.isfinite(payload["params"])
+    # The int8 file's coverage: every conv of the tiny U-Net quantized.
+    cov = payload["int8_quantization"]["coverage"]
+    assert cov["compute_total"] > 0 and cov["compute_share_int8"] == 1.0
+    # Profiles: onnxruntime ran one int8 conv kernel per conv of the graph, and the fp32 graph
+    # the same number of (float) conv kernels; the side-by-side table adds up to each total.
+    for b in (1, 2):
+        prof = payload["profiles"][f"batch_{b}"]
+        assert prof["ort_int8"]["by_op_type"]["QLinearConv"]["nodes"] == cov["compute_total"]
+        fp32_convs = sum(
+            v["nodes"]
+            for k, v in prof["ort_fp32"]["by_op_type"].items()
+            if k in ("Conv", "FusedConv", "NchwcConv")
+        )
+        assert fp32_convs == cov["compute_total"]
+        assert "Conv" not in prof["ort_int8"]["by_op_type"]  # no conv left in float
+        for key in ("fp32", "int8"):
+            total = prof[f"ort_{key}"]["kernel_ms_per_call"]
+            assert sum(r[f"{key}_ms"] for r in prof["by_op"]) == pytest.approx(total)
+        conv = next(r for r in prof["by_op"] if r["op"] == "Conv")
+        assert conv["int8_kernels"] == ["QLinearConv"]
+
+
+def test_profile_counts_only_the_profiled_calls_and_lines_ops_up(tmp_path):
+    """One MatMul node: one op type, one node, all the kernel time. 20 warm-up calls precede 2
+    profiled ones: were they counted, the kernel time per call would exceed the wall time."""
+    path = tmp_path / "mm.onnx"
+    bench._matmul_onnx(path, 128, "fp32")
+    x = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+    prof = bench.profile_ort(path, x, threads=1, iters=2, warmup=20)
+    assert list(prof["by_op_type"]) == ["MatMul"]
+    mm = prof["by_op_type"]["MatMul"]
+    assert mm["nodes"] == 1 and mm["share"] == 1.0
+    assert mm["ms_per_call"] == prof["kernel_ms_per_call"]
+    assert 0 < prof["kernel_ms_per_call"] <= prof["wall_ms_per_call"]
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        bench.profile_ort(path, x, optimization="max")
+
+    # compare_profiles lines kernels up by the ONNX op they implement.
+    def prof(**ms):
+        return {"by_op_type": {k: {"ms_per_call": v} for k, v in ms.items()}}
+
+    rows = bench.compare_profiles(
+        prof(Conv=6.0, NchwcConv=3.0, Upsample=1.0, ReorderOutput=0.5),
+        prof(QLinearConv=2.0, Resize=1.5, QuantizeLinear=0.3, DequantizeLinear=0.2),
+    )
+    by_op = {r["op"]: r for r in rows}
+    assert [r["op"] for r in rows] == [
+        "Conv", "Resize", "Quantize / Dequantize", "layout (NCHWc reorder)"
+    ]  # fmt: skip
+    assert (by_op["Conv"]["fp32_ms"], by_op["Conv"]["int8_ms"]) == (9.0, 2.0)
+    assert by_op["Conv"]["speedup"] == 4.5 and by_op["Resize"]["speedup"] == pytest.approx(1 / 1.5)
+    assert by_op["Quantize / Dequantize"]["speedup"] is None
+    assert by_op["Quantize / Dequantize"]["int8_kernels"] == ["QuantizeLinear", "DequantizeLinear"]
+    assert sum(r["int8_share"] for r in rows) == pytest.approx(1.0)
+    assert by_op["Conv"]["int8_share"] == pytest.approx(2.0 / 4.0)
 
 
 def test_peak_graphs_compute_a_matmul(tmp_path):

@@ -31,6 +31,12 @@ def test_static_int8_structure_and_size(onnx_file, int8_file):
     # models like this one (32 KB); for ResNet-50 the file shrinks ~4x (102 MB -> 26 MB).
     size_fp32, size_int8 = onnx_file.stat().st_size, int8_file.stat().st_size
     assert size_int8 < 0.7 * size_fp32, (size_fp32, size_int8)
+    # The share of ops quantized: every conv runs in int8, the bilinear Resize too.
+    summary = importlib.import_module("dlmodels.export.quantize").quantized_ops(int8_file)[
+        "summary"
+    ]
+    assert summary["compute_share_int8"] == 1.0 and summary["compute_total"] == 5
+    assert summary["by_op_type"]["Resize"] == {"int8": 1, "float": 0}
 
 
 def test_static_int8_agrees_with_keras(model, int8_file):
@@ -227,3 +233,208 @@ def test_reduce_range_follows_the_cpu_and_is_overridable(onnx_file, tmp_path, mo
     )
     assert report.settings()["reduce_range"] is False
     assert report.settings()["reduce_range_reason"] == "argument"
+
+
+# -- the share of ops quantized, and calibration chosen on held-out data -----------------------
+
+quantize_module = importlib.import_module("dlmodels.export.quantize")
+
+
+def _save(nodes, inits, tmp_path, name, *, channels=4, size=8, outputs=None):
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, channels, size, size])
+    shape = [None, channels, size, size]
+    outs = outputs or [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
+    initializers = [numpy_helper.from_array(np.asarray(a, "float32"), k) for k, a in inits.items()]
+    graph = helper.make_graph(nodes, name, [x], outs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_quantized_ops_report_on_a_hand_built_graph(tmp_path):
+    """x -> Conv c1 -> Add(+x) -> ConvTranspose ct -> Erf -> Conv c2 (excluded) -> MaxPool -> y,
+    and Shape(c2) -> s. Worked out by hand: c1 and add run in int8; ct is wrapped in Q/DQ but
+    onnxruntime has no int8 ConvTranspose kernel; Erf is no QDQ op type; c2 was excluded; the
+    MaxPool only passes quantized data through, and its input (c2's output) is float; Shape
+    reads no values (not applicable)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "x"], ["a"], name="add"),
+        helper.make_node("ConvTranspose", ["a", "W3"], ["ct"], name="ct"),
+        helper.make_node("Erf", ["ct"], ["e"], name="erf"),
+        helper.make_node("Conv", ["e", "W2"], ["c2"], name="c2"),
+        helper.make_node("MaxPool", ["c2"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),  # noqa: E501
+        helper.make_node("Shape", ["c2"], ["s"], name="shape"),
+    ]  # fmt: skip
+    inits = {
+        "W1": rng.normal(0, 0.3, (4, 4, 3, 3)),
+        "B1": rng.normal(0, 0.1, 4),
+        "W2": rng.normal(0, 0.3, (4, 4, 1, 1)),
+        "W3": rng.normal(0, 0.3, (4, 4, 1, 1)),
+    }
+    outs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 4, 4]),
+        helper.make_tensor_value_info("s", TensorProto.INT64, [4]),
+    ]
+    fp32 = _save(nodes, inits, tmp_path, "hand", outputs=outs)
+    x = rng.uniform(0, 1, (8, 4, 8, 8)).astype("float32")
+    report = export.quantize_with_report(
+        fp32, tmp_path / "hand.int8.onnx", calibration=x, nodes_to_exclude=["c2"]
+    )
+    cov = report.coverage
+    assert report.settings()["coverage"] == cov and report.nodes_to_exclude == ["c2"]
+    reasons = {f["name"]: f["reason"].split(":")[0] for f in cov["float"]}
+    assert reasons == {"ct": "no int8 kernel", "erf": "op type", "c2": "excluded", "pool": "input"}
+    assert "'c2' (from Conv 'c2')" in next(f for f in cov["float"] if f["name"] == "pool")["reason"]
+    assert cov["by_op_type"] == {
+        "Add": {"int8": 1, "float": 0},
+        "Conv": {"int8": 1, "float": 1},
+        "ConvTranspose": {"int8": 0, "float": 1},
+        "Erf": {"int8": 0, "float": 1},
+        "MaxPool": {"int8": 0, "float": 1},
+    }
+    assert (cov["int8_nodes"], cov["float_nodes"]) == (2, 4)
+    assert cov["share_int8"] == pytest.approx(2 / 6)
+    assert (cov["compute_int8"], cov["compute_total"]) == (1, 3)
+    assert cov["not_applicable"] == {"Shape": 1}
+    # Without asking onnxruntime, the ConvTranspose looks quantized (Q/DQ all around it).
+    graph_only = quantize_module.quantized_ops(report.path, nodes_to_exclude=["c2"], runtime=False)
+    assert graph_only["summary"]["by_op_type"]["ConvTranspose"] == {"int8": 1, "float": 0}
+    # An op told not to quantize its output, read by a float op: the output is the reason.
+    small = _save([*nodes[:2], helper.make_node("Erf", ["a"], ["y"], name="erf")],
+                  {k: inits[k] for k in ("W1", "B1")}, tmp_path, "small")  # fmt: skip
+    options = {"OpTypesToExcludeOutputQuantization": ["Add"]}
+    cov = export.quantize_with_report(
+        small, tmp_path / "small.int8.onnx", calibration=x, extra_options=options
+    ).coverage
+    assert [(f["name"], f["reason"]) for f in cov["float"]] == [
+        ("add", "output: 'a' is read in float by Erf 'erf'"),
+        ("erf", "op type: Erf is not quantized by onnxruntime's QDQ quantizer"),
+    ]
+
+
+def _identity_conv(tmp_path):
+    """A 1x1 conv that copies its 3 input channels: the fp32 output is the input itself."""
+    from onnx import helper
+
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="copy")
+    w = np.eye(3, dtype="float32")[:, :, None, None]
+    return _save([node], {"W": w}, tmp_path, "identity", channels=3)
+
+
+def _calibration_and_held_out():
+    """Calibration: [0, 1] plus one outlier (100); held out: the deployment data, [0, 50]."""
+    rng = np.random.default_rng(5)
+    calib = rng.uniform(0, 1, (16, 3, 8, 8)).astype("float32")
+    calib[0, 0, 0, 0] = 100.0
+    held_out = rng.uniform(0, 50, (8, 3, 8, 8)).astype("float32")
+    return calib, held_out
+
+
+def _mae_vs_identity(path, x):
+    import onnxruntime as ort
+
+    (y,) = ort.InferenceSession(str(path)).run(None, {"x": x})
+    return float(np.mean(np.abs(y.astype(np.float64) - x)))
+
+
+def test_selection_scores_on_held_out_data(tmp_path):
+    """Percentile 99.9 clips the outlier: best on the calibration data, but it clips the wide
+    held-out data to ~1. MinMax keeps [0, 100]: coarse steps, yet best on held-out data. The
+    selector must pick MinMax; scoring on the calibration data would pick Percentile."""
+    fp32 = _identity_conv(tmp_path)
+    calib, held_out = _calibration_and_held_out()
+    grid = [
+        {"calibration_method": "percentile", "percentile": 99.9},
+        {"calibration_method": "minmax"},
+    ]
+    # Independent check of the premise: each candidate quantized on its own, scored by numpy
+    # against the identity (the fp32 output), on both data sets.
+    scores = {}
+    for i, c in enumerate(grid):
+        path = export.quantize_with_report(fp32, tmp_path / f"c{i}.onnx", calibration=calib, **c)
+        scores[i] = (_mae_vs_identity(path.path, calib), _mae_vs_identity(path.path, held_out))
+    assert scores[0][0] < scores[1][0]  # on calibration data: percentile wins
+    assert scores[1][1] < 0.1 * scores[0][1]  # on held-out data: minmax wins by far
+
+    report = quantize_module.select_quantization(
+        fp32, tmp_path / "best.onnx", calibration=calib, held_out=held_out, candidates=grid
+    )
+    sel = report.selection
+    assert sel["chosen"] == 1 and report.calibration_method == "minmax"
+    assert sel["metric"] == "mean_abs_error" and sel["held_out_samples"] == 8
+    for i, entry in enumerate(sel["candidates"]):
+        assert entry["score"] == pytest.approx(scores[i][1], rel=1e-4)
+    assert _input_scale(report.path, "x") * 255 == pytest.approx(100.0, rel=1e-3)
+    assert report.coverage["compute_share_int8"] == 1.0
+    # A metric where greater is better flips the choice.
+    flipped = quantize_module.select_quantization(
+        fp32,
+        tmp_path / "worst.onnx",
+        calibration=calib,
+        held_out=held_out,
+        candidates=grid,
+        greater_is_better=True,
+    )
+    assert flipped.selection["chosen"] == 0 and flipped.percentile == 99.9
+
+
+def test_selection_default_grid_and_task_metric(onnx_file, tmp_path):
+    """The default grid on the exported tiny segmenter with a caller's task metric (argmax
+    agreement with fp32): every candidate scored, "first_last" resolved to the stem and the
+    logits convs, the manifest settings JSON-safe."""
+    import json
+
+    def agreement(outputs, reference):
+        return float(np.mean(outputs.argmax(-1) == reference.argmax(-1)))
+
+    report = quantize_module.select_quantization(
+        onnx_file,
+        tmp_path / "auto.onnx",
+        calibration=images(16, seed=40),
+        held_out=images(8, seed=41),
+        metric=agreement,
+        greater_is_better=True,
+    )
+    table = report.selection["candidates"]
+    assert len(table) == len(quantize_module.DEFAULT_CANDIDATES)
+    assert all(0.5 <= e["score"] <= 1.0 for e in table), table
+    assert report.selection["chosen"] == max(
+        range(len(table)), key=lambda i: (table[i]["score"], -i)
+    )
+    excluded = table[-1]["settings"]["nodes_to_exclude"]
+    names = quantize_module.compute_nodes(onnx_file)
+    assert len(excluded) == 2 and set(excluded) == {names[0], names[-1]}
+    graph = onnx.load(str(onnx_file)).graph
+    kernel = {i.name: tuple(i.dims) for i in graph.initializer}
+    shapes = {n.name: kernel[n.input[1]] for n in graph.node if n.name in excluded}
+    # The stem reads the 3 image channels (3x3); the logits conv writes the 3 classes (1x1).
+    assert shapes == {names[0]: (16, 3, 3, 3), names[-1]: (3, 16, 1, 1)}
+    settings = json.loads(json.dumps(report.settings()))
+    assert settings["selection"]["metric"] == "agreement"
+    assert settings["coverage"]["compute_total"] == 5
+
+    # Bad arguments: clear errors, no file written.
+    tmp_path = tmp_path / "bad"
+    tmp_path.mkdir()
+    select = quantize_module.select_quantization
+    with pytest.raises(ValueError, match="unknown keys"):
+        select(onnx_file, tmp_path / "a.onnx", calibration=images(2), held_out=images(2),
+               candidates=[{"method": "minmax"}])  # fmt: skip
+    with pytest.raises(ValueError, match="calibration_method='kl'"):
+        select(onnx_file, tmp_path / "a.onnx", calibration=images(2), held_out=images(2),
+               candidates=[{"calibration_method": "kl"}])  # fmt: skip
+    with pytest.raises(ValueError, match="held_out"):
+        select(onnx_file, tmp_path / "a.onnx", calibration=images(2), held_out=None)
+    with pytest.raises(ValueError, match="nodes_to_exclude names nodes"):
+        export.quantize(onnx_file, tmp_path / "a.onnx", calibration=images(2),
+                        nodes_to_exclude=["nope"])  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
