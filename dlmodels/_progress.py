@@ -55,7 +55,15 @@ def steps(description: str, total: int | None = None) -> Iterator[Callable[..., 
     if total is not None:
         columns += [BarColumn(), MofNCompleteColumn()]
     columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}")]
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    # No stdout/stderr redirection: what the step prints stays on its own stream (a redirected
+    # stdout would land on the terminal instead of the file or pipe it was sent to).
+    with Progress(
+        *columns,
+        console=Console(stderr=True),
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    ) as progress:
         task = progress.add_task(description, total=total, note="")
 
         def advance(n: int = 1, note: str = "") -> None:
