@@ -121,20 +121,34 @@ def test_host_reads_per_epoch_do_not_grow_with_steps(monkeypatch):
         assert eight == two, f"{epochs} epoch(s): {eight} host reads for 8 steps, {two} for 2"
 
 
-def test_epoch_loss_is_the_mean_of_the_step_losses():
-    """The epoch's loss is the mean of the step losses, summed on the device."""
+@pytest.mark.parametrize("known_size", [True, False])
+def test_epoch_loss_is_the_mean_of_the_step_losses(known_size):
+    """The epoch's loss is the mean of the step losses, summed on the device, whether the
+    batches are read inside the step function (known epoch size) or by the host (unknown)."""
     keras.utils.set_random_seed(0)
     _, trainer = make_trainer(model_with_dropout().get_weights(), None)
     seen = []
-    original = trainer._build_train_fn()
+    ds = dataset(False)
+    if known_size:
+        original = trainer._build_multi_fn()
 
-    def recording(batch):
-        logs = original(batch)
-        seen.append(logs["loss"])
-        return logs
+        def recording(iterator, n):
+            logs = original(iterator, n)
+            seen.append(logs["loss"])
+            return logs
 
-    trainer._train_fn = recording
-    history = trainer.fit(dataset(False), epochs=1)
+        trainer._multi_fn = recording
+    else:
+        ds = ds.filter(lambda *batch: True)  # cardinality unknown
+        original = trainer._build_train_fn()
+
+        def recording(batch):
+            logs = original(batch)
+            seen.append(logs["loss"])
+            return logs
+
+        trainer._train_fn = recording
+    history = trainer.fit(ds, epochs=1)
     assert len(seen) == 4
     assert history["loss"][0] == pytest.approx(np.mean([float(v) for v in seen]), rel=1e-6)
 
