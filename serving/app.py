@@ -442,8 +442,6 @@ def create_app(
         return v2_config(name, version)
 
     async def v2_work(acct: Accounting, served, body: bytes, head: dict):
-        if head.get(b"content-encoding", b"identity") != b"identity":
-            raise ServingError(400, "compressed request bodies are not supported")
         header_len = head.get(b"inference-header-content-length")
         if header_len is not None:
             if not header_len.isdigit() or int(header_len) > len(body):
@@ -547,8 +545,6 @@ def create_app(
         }
 
     async def v1_work(acct: Accounting, served, body: bytes, head: dict):
-        if head.get(b"content-encoding", b"identity") != b"identity":
-            raise ServingError(400, "compressed request bodies are not supported")
         req = _validate(PredictRequest, codec.loads(body))
         feeds, fmt = codec.decode_tfserving(served, req)
         acct.t_dec = time.perf_counter()
@@ -573,6 +569,8 @@ def create_app(
                 body = await read_body(receive, head.get(b"content-length"))
                 acct.t_read = time.perf_counter()
                 served = repo.get(name, v)
+                if head.get(b"content-encoding", b"identity") != b"identity":
+                    raise ServingError(400, "compressed request bodies are not supported")
                 payload, media, extra = await work[protocol](acct, served, body, head)
                 acct.code = 200
                 return 200, payload, media, extra

@@ -85,6 +85,8 @@ class _Metric:
         self.labelnames = tuple(labelnames)
         self.bounds = tuple(float(b) for b in buckets) if buckets else None
         self.series: dict[tuple[str, ...], _Value | _Buckets] = {}
+        if not self.labelnames:  # its one series exists (and renders 0) from the start
+            self.labels()
 
     def labels(self, *values: str):
         found = self.series.get(values)

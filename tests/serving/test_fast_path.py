@@ -1,10 +1,13 @@
 """The lean request path: the pure ASGI fast path answers exactly as the FastAPI routes it
-bypasses, one accounting serves both protocols, the lean metrics render exactly as
-prometheus_client's own, responses go out in one write, and the benchmark's core placement."""
+bypasses, a bearer token guards it, one accounting serves both protocols, the lean metrics
+render exactly as prometheus_client's own, responses go out in one write, and the benchmark's
+core placement."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 
 import httpx
 import numpy as np
@@ -22,14 +25,10 @@ from serving.repository import ServerSettings
 LIMIT = 100_000
 
 
-@pytest.fixture(scope="module")
-def app_run(repo):
-    """(send(method, path, body, headers, root_path) -> Response, app), lifespan running."""
-    app = create_app(
-        str(repo[0]),
-        ServerSettings(threads=1, max_queue_delay_ms=0.5),
-        AppOptions(max_body_bytes=LIMIT, poll_interval=0),
-    )
+@contextlib.contextmanager
+def _running(app):
+    """send(method, path, body, headers, root_path) -> Response, the app's lifespan running
+    and its models loaded."""
     loop = asyncio.new_event_loop()
     lifespan = app.router.lifespan_context(app)
     loop.run_until_complete(lifespan.__aenter__())
@@ -54,11 +53,25 @@ def app_run(repo):
             clients[root_path].request(method, path, content=body, headers=headers or {})
         )
 
-    yield send, app
-    for c in clients.values():
-        loop.run_until_complete(c.aclose())
-    loop.run_until_complete(lifespan.__aexit__(None, None, None))
-    loop.close()
+    try:
+        yield send
+    finally:
+        for c in clients.values():
+            loop.run_until_complete(c.aclose())
+        loop.run_until_complete(lifespan.__aexit__(None, None, None))
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def app_run(repo):
+    """(send, app), lifespan running (see `_running`)."""
+    app = create_app(
+        str(repo[0]),
+        ServerSettings(threads=1, max_queue_delay_ms=0.5),
+        AppOptions(max_body_bytes=LIMIT, poll_interval=0),
+    )
+    with _running(app) as send:
+        yield send, app
 
 
 def _binary_v2(x: np.ndarray) -> tuple[bytes, dict]:
@@ -108,6 +121,7 @@ def _requests(x):
         ("/v2/models/classifier/infer", binary, {"Inference-Header-Content-Length": "9e9"}),
         ("/v2/models/classifier/infer", binary, {"Inference-Header-Content-Length": b"\xb2"}),
         ("/v2/models/classifier/infer", json_v2, {"Content-Encoding": "gzip"}),
+        ("/v1/models/classifier:predict", row, {"Content-Encoding": "gzip"}),
         ("/v1/models/classifier:predict", b"[1,", {}),  # not JSON
     ]
 
@@ -140,7 +154,7 @@ def test_fast_path_answers_as_the_fastapi_routes(app_run, repo, monkeypatch):
         if fast.status_code != 200:
             assert fast.json()["error"], path
         statuses.append(fast.status_code)
-    assert statuses == [200] * 5 + [404, 404, 400, 400, 400, 413, 400, 400, 400, 400]
+    assert statuses == [200] * 5 + [404, 404, 400, 400, 400, 413, 400, 400, 400, 400, 400]
 
     import onnxruntime as ort
 
@@ -152,6 +166,38 @@ def test_fast_path_answers_as_the_fastapi_routes(app_run, repo, monkeypatch):
     np.testing.assert_allclose(got, want[0], atol=1e-6)
     # GET on an inference path is not the fast path's: FastAPI answers 405 as before.
     assert send("GET", "/v2/models/classifier/infer").status_code == 405
+
+
+def test_bearer_token_guards_the_fast_path(repo, tmp_path):
+    """With a token, both inference routes answer 401 (with `WWW-Authenticate: Bearer`) to a
+    missing or wrong token and 200 to the right one; /v2/health/* and /metrics stay open."""
+    shutil.copytree(repo[0] / "classifier", tmp_path / "classifier")
+    app = create_app(
+        str(tmp_path),
+        ServerSettings(threads=1, max_queue_delay_ms=0.5),
+        AppOptions(auth_token="s3cret", poll_interval=0),
+    )
+    x = repo[1]["classifier"]["image"][:1]
+    binary, binary_headers = _binary_v2(x)
+    inference = [
+        ("/v2/models/classifier/infer", binary, binary_headers),
+        ("/v1/models/classifier:predict", orjson.dumps({"instances": x.tolist()}), {}),
+    ]
+    with _running(app) as send:
+        for path, body, headers in inference:
+            for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = send("POST", path, body, {**headers, **auth})
+                assert r.status_code == 401, (path, auth)
+                assert r.headers["www-authenticate"] == "Bearer"
+                assert r.json() == {"error": "missing or wrong bearer token"}
+            ok = send("POST", path, body, {**headers, "Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200, path
+        for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+            assert send("GET", path).status_code == 200, path
+        assert send("GET", "/v2/models/classifier").status_code == 401
+        metrics = send("GET", "/metrics").text
+    # Refused requests never reach the inference accounting.
+    assert _metric(metrics, "dlmodels_requests_total") == 2
 
 
 def _metric(text: str, prefix: str) -> float:
@@ -197,49 +243,60 @@ def test_one_accounting_serves_both_protocols(app_run, repo):
 
 
 def test_lean_metrics_render_as_prometheus_client():
-    """The same updates (values on bucket bounds included: Prometheus buckets are `le`) give
-    the exposition prometheus_client's own Counter / Gauge / Histogram give."""
-    lean = Metrics()
-    registry = prometheus_client.CollectorRegistry()
-    prometheus_client.disable_created_metrics()
-    ref = {}
-    for name in vars(lean):
-        m = getattr(lean, name)
-        if name == "registry":
-            continue
-        cls = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge}.get(
-            m.kind, prometheus_client.Histogram
-        )
-        kw = {"buckets": m.bounds} if m.kind == "histogram" else {}
-        ref[name] = cls(m.name, m.doc, list(m.labelnames), registry=registry, **kw)
-    updates = [
-        ("requests", ("cnn", "v2", "200"), "inc", ()),
-        ("requests", ("cnn", "v2", "200"), "inc", ()),
-        ("errors", ("_unknown", "v1", "404"), "inc", ()),
-        ("latency", ("cnn", "v2"), "observe", (0.001,)),  # exactly a bound
-        ("latency", ("cnn", "v2"), "observe", (0.0011,)),
-        ("latency", ("cnn", "v1"), "observe", (10.0,)),  # beyond the last bound: +Inf
-        ("stage", ("cnn", "queue"), "observe", (0.0,)),
-        ("batch_size", ("cnn",), "observe", (16,)),
-        ("batch_size", ("cnn",), "observe", (3,)),
-        ("batch_requests", ("cnn",), "observe", (1,)),
-        ("queue_depth", ("cnn",), "set", (4,)),
-        ("queue_depth", ("cnn",), "set", (2,)),
-        ("loaded", ("cnn",), "set", (1,)),
-        ("load_failures", ("cnn",), "inc", ()),
-    ]
-    for name, labels, op, args in updates:
-        getattr(getattr(lean, name).labels(*labels), op)(*args)
-        getattr(ref[name].labels(*labels), op)(*args)
-    for op in ("inc", "inc", "dec"):
-        getattr(lean.inflight, op)()
-        getattr(ref["inflight"], op)()
-    text = lean.render().decode()
-    assert text == prometheus_client.generate_latest(registry).decode()
-    assert 'dlmodels_request_duration_seconds_bucket{le="0.001",model="cnn",protocol="v2"} 1.0' in (
-        text
-    )
+    """Before any update (an unlabelled metric's one series renders 0) and after the same
+    updates (values on bucket bounds included: Prometheus buckets are `le`), the exposition
+    is the one prometheus_client's own Counter / Gauge / Histogram give."""
+    was_created = prometheus_client.metrics._use_created
+    prometheus_client.disable_created_metrics()  # process-wide: restored below
+    try:
+        lean = Metrics()
+        registry = prometheus_client.CollectorRegistry()
+        ref = {}
+        for name in vars(lean):
+            m = getattr(lean, name)
+            if name == "registry":
+                continue
+            cls = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge}.get(
+                m.kind, prometheus_client.Histogram
+            )
+            kw = {"buckets": m.bounds} if m.kind == "histogram" else {}
+            ref[name] = cls(m.name, m.doc, list(m.labelnames), registry=registry, **kw)
+        fresh = lean.render().decode()
+        assert fresh == prometheus_client.generate_latest(registry).decode()
+        assert "dlmodels_inflight_requests 0.0" in fresh
+        for name, labels, op, args in _METRIC_UPDATES:
+            getattr(getattr(lean, name).labels(*labels), op)(*args)
+            getattr(ref[name].labels(*labels), op)(*args)
+        for op in ("inc", "inc", "dec"):
+            getattr(lean.inflight, op)()
+            getattr(ref["inflight"], op)()
+        text = lean.render().decode()
+        assert text == prometheus_client.generate_latest(registry).decode()
+    finally:
+        if was_created:
+            prometheus_client.enable_created_metrics()
+    assert prometheus_client.metrics._use_created is was_created
+    key = 'dlmodels_request_duration_seconds_bucket{le="0.001",model="cnn",protocol="v2"}'
+    assert f"{key} 1.0" in text
     assert "dlmodels_inflight_requests 1.0" in text
+
+
+_METRIC_UPDATES = [
+    ("requests", ("cnn", "v2", "200"), "inc", ()),
+    ("requests", ("cnn", "v2", "200"), "inc", ()),
+    ("errors", ("_unknown", "v1", "404"), "inc", ()),
+    ("latency", ("cnn", "v2"), "observe", (0.001,)),  # exactly a bound
+    ("latency", ("cnn", "v2"), "observe", (0.0011,)),
+    ("latency", ("cnn", "v1"), "observe", (10.0,)),  # beyond the last bound: +Inf
+    ("stage", ("cnn", "queue"), "observe", (0.0,)),
+    ("batch_size", ("cnn",), "observe", (16,)),
+    ("batch_size", ("cnn",), "observe", (3,)),
+    ("batch_requests", ("cnn",), "observe", (1,)),
+    ("queue_depth", ("cnn",), "set", (4,)),
+    ("queue_depth", ("cnn",), "set", (2,)),
+    ("loaded", ("cnn",), "set", (1,)),
+    ("load_failures", ("cnn",), "inc", ()),
+]
 
 
 def test_coalescing_transport_writes_a_response_once():
