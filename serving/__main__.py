@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer <token>`, the token read from this env variable",
     )
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="shutdown drain, s")
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=75.0,
+        help="seconds an idle client connection stays open (default 75; with uvicorn's 5 s, a "
+        "client pausing that long between requests, e.g. encoding a large JSON tensor, can send "
+        "just as the server closes and fail with 'connection closed')",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request (slower)")
     return p
@@ -207,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-batch-size {args.max_batch_size}: must be >= 1")
     if args.instances < 1:
         parser.error(f"--instances {args.instances}: must be >= 1")
+    if not args.keep_alive > 0:
+        parser.error(f"--keep-alive {args.keep_alive}: must be > 0 seconds")
     token = None
     if args.auth_token_env:
         token = os.environ.get(args.auth_token_env)
@@ -256,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=args.access_log,
         timeout_graceful_shutdown=args.graceful_timeout,
+        timeout_keep_alive=args.keep_alive,
         server_header=False,
         loop="auto",  # uvloop when installed
         http=_http_protocol(),
