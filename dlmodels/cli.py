@@ -15,6 +15,7 @@ get the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -749,6 +750,12 @@ def export_cmd(
     from dlmodels import export
 
     wanted = None if formats is None else _parse_formats(formats, export.FORMATS)
+    if simplify and wanted is not None and not {"onnx", "int8", "fp16"} & set(wanted):
+        raise typer.BadParameter(
+            f"--simplify applies to ONNX graphs, and --formats {','.join(wanted)} has none: add "
+            "onnx (or int8 / fp16) or drop --simplify",
+            param_hint="--simplify",
+        )
     if data is not None:
         _existing_file(data, "file", "--data")
     if {"int8", "litert_int8"} & set(wanted or []) and data is None:
@@ -956,6 +963,12 @@ def quantize_cmd(
         raise typer.BadParameter(
             f"must be static, dynamic or fp16, got {mode!r}", param_hint="--mode"
         )
+    if mode != "static" and calibration_method != "minmax":
+        raise typer.BadParameter(
+            f"--calibration-method {calibration_method} applies to --mode static only (--mode "
+            f"{mode} has no calibration); drop it or use --mode static",
+            param_hint="--calibration-method",
+        )
     reduce = {"auto": None, "on": True, "off": False}.get(reduce_range.lower(), "bad")
     if reduce == "bad":
         raise typer.BadParameter(
@@ -1048,15 +1061,43 @@ def bench_cmd(
     ),
     iters: Annotated[int, typer.Option(min=1)] = 50,
     json_output: Annotated[bool, typer.Option("--json", help="print only the JSON")] = False,
+    training: Annotated[
+        bool,
+        typer.Option(
+            "--training",
+            help="instead: our Trainer's steps/s against model.fit (ResNet-50 and the demo "
+            "U-Net, one device and MirroredStrategy); default output "
+            "benchmarks/results/training.json",
+        ),
+    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="with --training: tiny models")] = False,
 ):
     """Batch-1 latency of Keras/TF, ONNX fp32 and int8 measured side by side; writes JSON.
+    With --training: training throughput of the Trainer against model.fit.
 
     Examples:
 
         dlmodels bench
 
         dlmodels bench artifacts/model.keras --iters 100 --output bench.json --json
+
+        dlmodels bench --training --quick --output training.json
     """
+    if training:
+        if model_path is not None:
+            raise typer.BadParameter("--training benchmarks its own models", param_hint="MODEL")
+        # Imported before TensorFlow starts: it splits the CPU into 2 logical devices.
+        from dlmodels.bench import training as training_bench
+
+        default = Path("benchmarks/results/unet_latency.json")
+        out = training_bench.DEFAULT_OUT if output == default else output
+        argv = ["--out", str(out)] + (["--quick"] if quick else [])
+        # With --json, stdout carries only the JSON: the progress lines go to stderr.
+        with contextlib.redirect_stdout(sys.stderr if json_output else sys.stdout):
+            training_bench.main(argv)
+        if json_output:
+            sys.stdout.write(out.read_text() + "\n")
+        return
     _quiet_tf()
     if model_path is not None:
         _existing_file(model_path, "model file", "MODEL_PATH")

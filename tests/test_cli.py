@@ -74,6 +74,22 @@ def _error_cases(tmp_path, model_file, data_file):
         "unknown format": (["export", m, "--formats", "tflite"], ["unknown formats", "tflite"]),
         "bad size": (["demo", "--image-size", "96x"], ["--image-size", "96x"]),
         "int8 without data": (["export", m, "--formats", "int8"], ["int8 needs calibration"]),
+        "simplify without onnx": (
+            ["export", m, "--formats", "keras", "--simplify"],
+            ["--simplify applies to ONNX graphs", "--formats keras has none"],
+        ),
+        "calibration method of another mode": (
+            [
+                "quantize",
+                taken,
+                str(d / "q.onnx"),
+                "--mode",
+                "dynamic",
+                "--calibration-method",
+                "entropy",
+            ],
+            ["--calibration-method entropy applies to --mode static only"],
+        ),
         "missing data": (["export", m, "--data", none], [none, dne]),
         "existing output": (
             ["export", m, "--output-dir", str(existing), "--data", str(data_file)],
@@ -113,6 +129,8 @@ CASES = [
     "unknown format",
     "bad size",
     "int8 without data",
+    "simplify without onnx",
+    "calibration method of another mode",
     "missing data",
     "existing output",
     "data not matching the model",

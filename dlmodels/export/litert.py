@@ -57,6 +57,40 @@ TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "int8": math.inf}
 INT8_MIN_AGREEMENT = 0.9
 """Default smallest argmax agreement with Keras of an int8 file."""
 
+INT8_MAX_METRIC_DROP = 0.01
+"""Default largest tolerated drop of the caller's metric (Keras - int8) of an int8 file."""
+
+FINITE_ONLY = "finite outputs only (no output with classes, no metric)"
+"""`judged_by` of an int8 file with nothing to judge it by but finite outputs."""
+
+
+def int8_verdict(
+    finite: bool,
+    *,
+    agreement: float | None,
+    min_agreement: float | None,
+    metric_before: float | None,
+    metric_after: float | None,
+    max_metric_drop: float | None,
+    metric_name: str | None = None,
+) -> tuple[bool, str]:
+    """The int8 bar, shared by `verify_litert` and `write_repository` (ONNX and LiteRT int8):
+    finite outputs, argmax agreement >= `min_agreement` (outputs with classes) and a metric
+    drop (before - after, higher is better) <= `max_metric_drop`, each where measured and set.
+
+    Returns:
+        (passed, the bars applied in words; `FINITE_ONLY` when none applied).
+    """
+    bars, ok = [], bool(finite)
+    if agreement is not None and min_agreement is not None:
+        bars.append(f"argmax agreement >= {min_agreement:g}")
+        ok = ok and agreement >= min_agreement
+    if metric_before is not None and metric_after is not None and max_metric_drop is not None:
+        bars.append(f"{metric_name or 'metric'} drop <= {max_metric_drop:g}")
+        ok = ok and metric_before - metric_after <= max_metric_drop
+    return bool(ok), " and ".join(bars) or FINITE_ONLY
+
+
 SIGNATURE = "serving_default"
 """The signature every file `to_litert` writes carries (named inputs and outputs)."""
 
@@ -439,8 +473,10 @@ class LiteRTVerifyReport:
 
     Attributes:
         path, precision, max_abs_error, mean_abs_error, atol, min_agreement, agreement,
-        passed (finite, max |err| <= atol and agreement >= min_agreement when set), n_samples,
-        metric_keras / metric_litert (when `metric` and `labels` were given).
+        passed (finite, max |err| <= atol, agreement >= min_agreement and metric drop <=
+        max_metric_drop, each when set and measured), n_samples, metric_keras / metric_litert
+        (when `metric` and `labels` were given), max_metric_drop, judged_by (the bars applied,
+        in words; for int8 `FINITE_ONLY` when nothing but finiteness could be judged).
     """
 
     path: str
@@ -454,6 +490,8 @@ class LiteRTVerifyReport:
     min_agreement: float | None = None
     metric_keras: float | None = None
     metric_litert: float | None = None
+    max_metric_drop: float | None = None
+    judged_by: str = ""
 
     def __str__(self) -> str:
         text = (
@@ -467,6 +505,8 @@ class LiteRTVerifyReport:
             text += f" (min {self.min_agreement:g})"
         if self.metric_keras is not None:
             text += f", metric keras {self.metric_keras:.4f} / litert {self.metric_litert:.4f}"
+        if self.judged_by:
+            text += f"; judged by {self.judged_by}"
         return text
 
 
@@ -480,6 +520,7 @@ def verify_litert(
     min_agreement: float | None = None,
     labels=None,
     metric: Callable | None = None,
+    max_metric_drop: float | None = None,
     expected: Mapping[str, np.ndarray] | None = None,
     raise_on_fail: bool = False,
 ) -> LiteRTVerifyReport:
@@ -493,7 +534,10 @@ def verify_litert(
         atol: largest tolerated |LiteRT - Keras|; None: `TOLERANCES[precision]`.
         min_agreement: smallest tolerated argmax agreement (outputs with > 1 channel); None:
             `INT8_MIN_AGREEMENT` for int8, unchecked otherwise.
-        labels / metric: `metric(labels, outputs) -> float` on Keras and LiteRT outputs.
+        labels / metric: `metric(labels, outputs) -> float` (higher is better) on Keras and
+            LiteRT outputs.
+        max_metric_drop: largest tolerated metric drop (Keras - LiteRT) when a metric is
+            given; None: `INT8_MAX_METRIC_DROP` for int8, unchecked otherwise.
         expected: Keras outputs already computed ({output name: array}).
         raise_on_fail: raise `VerificationError` instead of returning a failed report.
 
@@ -509,16 +553,43 @@ def verify_litert(
 
     check_precision(precision)
     atol = TOLERANCES[precision] if atol is None else float(atol)
-    if min_agreement is None and precision == "int8":
-        min_agreement = INT8_MIN_AGREEMENT
+    if precision == "int8":
+        min_agreement = INT8_MIN_AGREEMENT if min_agreement is None else min_agreement
+        max_metric_drop = INT8_MAX_METRIC_DROP if max_metric_drop is None else max_metric_drop
     expected = dict(expected) if expected is not None else keras_outputs(model, inputs)
     got = litert_predict(path, inputs, fresh_process=True)
     max_err, mean_err, agreement, finite = compare_outputs(
         expected, got, where=f"{path} [LiteRT {precision}]"
     )
-    passed = bool(finite and max_err <= atol)
-    if min_agreement is not None and agreement is not None:
-        passed = passed and agreement >= min_agreement
+    metric_keras = metric_litert = None
+    if metric is not None and labels is not None:
+        names = list(expected)
+
+        def pack(d):
+            values = [d[k] for k in names]
+            return values[0] if len(values) == 1 else values
+
+        metric_keras = float(metric(labels, pack(expected)))
+        metric_litert = float(metric(labels, pack(got)))
+    passed, judged_by = int8_verdict(
+        finite and max_err <= atol,
+        agreement=agreement,
+        min_agreement=min_agreement,
+        metric_before=metric_keras,
+        metric_after=metric_litert,
+        max_metric_drop=max_metric_drop,
+        metric_name=getattr(metric, "__name__", None),
+    )
+    if math.isfinite(atol):
+        judged_by = f"max abs error <= {atol:g}" + (
+            "" if judged_by == FINITE_ONLY else f" and {judged_by}"
+        )
+    elif judged_by == FINITE_ONLY:
+        warnings.warn(
+            f"{path} [LiteRT {precision}]: no output with classes and no metric, so it is "
+            "judged on finite outputs only; pass labels and metric to judge it by the task.",
+            stacklevel=2,
+        )
     report = LiteRTVerifyReport(
         path=str(path),
         precision=precision,
@@ -529,16 +600,11 @@ def verify_litert(
         n_samples=_n_samples(inputs),
         agreement=agreement,
         min_agreement=min_agreement,
+        metric_keras=metric_keras,
+        metric_litert=metric_litert,
+        max_metric_drop=max_metric_drop,
+        judged_by=judged_by,
     )
-    if metric is not None and labels is not None:
-        names = list(expected)
-
-        def pack(d):
-            values = [d[k] for k in names]
-            return values[0] if len(values) == 1 else values
-
-        report.metric_keras = float(metric(labels, pack(expected)))
-        report.metric_litert = float(metric(labels, pack(got)))
     if raise_on_fail and not report.passed:
         raise VerificationError(str(report))
     return report

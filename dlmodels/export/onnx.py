@@ -243,7 +243,9 @@ def to_onnx(
             it passes onnx.checker, strict shape inference and parity with Keras on `samples`
             (`simplify_onnx`); otherwise SimplificationError, with the unsimplified file kept.
         samples: parity inputs for `simplify` (one array, a list in input order or a dict by
-            input name); None: a few seeded random inputs.
+            input name); None: a few seeded random inputs, for inputs of fixed size only (a
+            free dimension, e.g. (None, None, 3), raises ValueError before anything is
+            written: no stand-in size suits every model).
         simplify_atol: parity bar of the simplified graph against Keras.
 
     Returns:
@@ -259,6 +261,10 @@ def to_onnx(
     path = Path(path)
     opset = check_opset(opset)
     check_target(path, overwrite=overwrite)
+    if simplify:
+        _onnxslim()
+        # Parity inputs before anything is written: no stand-ins for free-sized inputs.
+        samples = _parity_samples(model, samples)
     want_in, want_out = input_names(model), output_names(model)
     source = float32_copy(model)
     if source is not model:
@@ -354,11 +360,18 @@ def _parity_samples(model, samples) -> dict:
         from dlmodels.export.repository import sample_dict
 
         return sample_dict(model, samples)
+    free = {t.name: tuple(t.shape) for t in model.inputs if None in tuple(t.shape)[1:]}
+    if free:
+        raise UserError(
+            f"simplify without samples: inputs {free} have free dimensions, and no stand-in "
+            "size suits every model (a deep U-Net needs a multiple of 2**depth). Pass "
+            "samples=... of the size the model will serve (the parity check runs on them)."
+        )
     # Seeded stand-ins: image-like floats, index 0 for integer inputs (valid for any Embedding).
     rng = np.random.default_rng(0)
     feeds = {}
     for t in model.inputs:
-        shape = (2, *(16 if d is None else int(d) for d in tuple(t.shape)[1:]))
+        shape = (2, *(int(d) for d in tuple(t.shape)[1:]))
         dtype = np.dtype(str(t.dtype))
         if np.issubdtype(dtype, np.floating):
             feeds[t.name] = rng.uniform(0, 1, shape).astype(dtype)
@@ -415,6 +428,7 @@ def simplify_onnx(
     model = as_functional(model)
     path = Path(path)
     slim_mod = _onnxslim()
+    feeds = _parity_samples(model, samples)
     proto = onnx.load(str(path))
     before = len(proto.graph.node)
     name = getattr(model, "name", "model")
@@ -425,11 +439,11 @@ def simplify_onnx(
         raise SimplificationError(
             f"onnxslim failed on {path} ({type(err).__name__}: {err}); {kept}"
         ) from err
-    io_before = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
-    io_after = ([i.name for i in slim.graph.input], [o.name for o in slim.graph.output])
+    io_before, io_after = _io_description(proto), _io_description(slim)
     if io_before != io_after:
         raise SimplificationError(
-            f"onnxslim renamed the graph IO of {path} from {io_before} to {io_after}; {kept}"
+            f"onnxslim changed the graph IO (names, dtypes or shapes) of {path} from "
+            f"{io_before} to {io_after}; {kept}"
         )
     try:
         onnx.checker.check_model(slim)
@@ -438,9 +452,16 @@ def simplify_onnx(
         raise SimplificationError(
             f"the simplified graph of {path} fails onnx.checker / shape inference ({err}); {kept}"
         ) from err
-    feeds = _parity_samples(model, samples)
-    expected = keras_outputs(float32_copy(model), feeds)
-    err_before = compare_outputs(expected, _ort_outputs(proto, feeds), where=str(path))[0]
+    try:
+        expected = keras_outputs(float32_copy(model), feeds)
+        got_before = _ort_outputs(proto, feeds)
+    except Exception as err:
+        raise SimplificationError(
+            f"the parity check of {path} could not run the Keras model or the unsimplified "
+            f"graph on its samples ({type(err).__name__}: {err}); {kept}. Pass samples=... the "
+            "model accepts."
+        ) from err
+    err_before = compare_outputs(expected, got_before, where=str(path))[0]
     try:
         got = _ort_outputs(slim, feeds)
     except Exception as err:
@@ -476,7 +497,10 @@ def simplify_onnx(
 def onnx_io(path: str | os.PathLike) -> dict:
     """Names, shapes (None / dim name for symbolic dims) and dtypes of an ONNX file's inputs and
     outputs, read from the graph without loading the weights into a session."""
-    model = onnx.load(str(path), load_external_data=False)
+    return _io_description(onnx.load(str(path), load_external_data=False))
+
+
+def _io_description(model: onnx.ModelProto) -> dict:
     init = {i.name for i in model.graph.initializer}
 
     def describe(vi):

@@ -477,6 +477,44 @@ def _quantize_static(pre, out, reader, per_channel, reduce_range, method, exclud
     )
 
 
+def _static_report(
+    out_path: Path,
+    quantized: Path,
+    reader: ArrayCalibrationReader,
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    reduce_range_reason: str,
+    calibration_method: str,
+    percentile: float | None,
+    nodes_to_exclude: Sequence[str],
+    extra_options: Mapping | None,
+    selection: dict | None = None,
+) -> QuantizeReport:
+    """The QuantizeReport of a static (QDQ) file: one builder for `quantize_with_report` and
+    `select_quantization`, so their manifest entries cannot drift apart."""
+    return QuantizeReport(
+        path=out_path,
+        mode="static",
+        format="QDQ",
+        per_channel=bool(per_channel),
+        activation_type="uint8",
+        weight_type="int8",
+        reduce_range=reduce_range,
+        reduce_range_reason=reduce_range_reason,
+        calibration_method=calibration_method,
+        calibration_samples=reader.samples_seen,
+        calibration_batches=reader.batches_seen,
+        percentile=(
+            float(percentile or DEFAULT_PERCENTILE) if calibration_method == "percentile" else None
+        ),
+        nodes_to_exclude=list(nodes_to_exclude),
+        extra_options=dict(DEFAULT_EXTRA_OPTIONS if extra_options is None else extra_options),
+        coverage=quantized_ops(quantized, nodes_to_exclude=nodes_to_exclude)["summary"],
+        selection=selection,
+    )
+
+
 def quantize_with_report(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -572,32 +610,18 @@ def quantize_with_report(
             # reader keeps what it read, so rewinding replays the peeked batch too.
             if reader.get_next() is None:
                 raise UserError("`calibration` yielded no samples")
-            options = dict(DEFAULT_EXTRA_OPTIONS if extra_options is None else extra_options)
-            _static(
-                pre,
-                quantized,
-                reader,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                calibration_method=calibration_method,
-                percentile=percentile,
-                nodes_to_exclude=excluded,
-                extra_options=options,
-            )
-            by_mode = {
-                "format": "QDQ",
+            settings = {
+                "per_channel": per_channel,
                 "calibration_method": calibration_method,
-                "calibration_samples": reader.samples_seen,
-                "calibration_batches": reader.batches_seen,
-                "percentile": (
-                    float(percentile or DEFAULT_PERCENTILE)
-                    if calibration_method == "percentile"
-                    else None
-                ),
+                "percentile": percentile,
                 "nodes_to_exclude": excluded,
-                "extra_options": options,
-                "coverage": quantized_ops(quantized, nodes_to_exclude=excluded)["summary"],
+                "extra_options": extra_options,
             }
+            _static(pre, quantized, reader, reduce_range=reduce_range, **settings)
+            report = _static_report(
+                out_path, quantized, reader, reduce_range=reduce_range,
+                reduce_range_reason=reason, **settings,
+            )  # fmt: skip
         else:
             quantize_dynamic(
                 str(pre),
@@ -606,17 +630,16 @@ def quantize_with_report(
                 reduce_range=reduce_range,
                 weight_type=QuantType.QInt8,
             )
-            by_mode = {"format": "QOperator"}
-        report = QuantizeReport(
-            path=out_path,
-            mode=mode,
-            per_channel=bool(per_channel),
-            activation_type="uint8",
-            weight_type="int8",
-            reduce_range=reduce_range,
-            reduce_range_reason=reason,
-            **by_mode,
-        )
+            report = QuantizeReport(
+                path=out_path,
+                mode=mode,
+                format="QOperator",
+                per_channel=bool(per_channel),
+                activation_type="uint8",
+                weight_type="int8",
+                reduce_range=reduce_range,
+                reduce_range_reason=reason,
+            )
         with atomic_path(out_path, overwrite=overwrite) as dst:
             dst.write_bytes(quantized.read_bytes())
     return report
@@ -1064,29 +1087,17 @@ def select_quantization(
         best = min(scored, key=lambda i: (sign * table[i]["score"], i))
         chosen = table[best]["settings"]
         quantized = tmp / f"candidate{best}.onnx"
-        options = dict(DEFAULT_EXTRA_OPTIONS if extra_options is None else extra_options)
-        report = QuantizeReport(
-            path=out_path,
-            mode="static",
-            format="QDQ",
-            per_channel=bool(chosen["per_channel"]),
-            activation_type="uint8",
-            weight_type="int8",
+        report = _static_report(
+            out_path,
+            quantized,
+            reader,
+            per_channel=chosen["per_channel"],
             reduce_range=reduce_range,
             reduce_range_reason=reason,
             calibration_method=chosen["calibration_method"],
-            calibration_samples=reader.samples_seen,
-            calibration_batches=reader.batches_seen,
-            percentile=(
-                float(chosen.get("percentile") or DEFAULT_PERCENTILE)
-                if chosen["calibration_method"] == "percentile"
-                else None
-            ),
-            nodes_to_exclude=list(chosen["nodes_to_exclude"]),
-            extra_options=options,
-            coverage=quantized_ops(quantized, nodes_to_exclude=chosen["nodes_to_exclude"])[
-                "summary"
-            ],
+            percentile=chosen.get("percentile"),
+            nodes_to_exclude=chosen["nodes_to_exclude"],
+            extra_options=extra_options,
             selection={
                 "metric": metric_name or getattr(metric, "__name__", "metric"),
                 "greater_is_better": bool(greater_is_better),

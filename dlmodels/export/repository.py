@@ -424,8 +424,10 @@ def write_repository(
             list in `model.output_names` order); computed on Keras and on every artifact.
         metric_name: what the metric is called in the manifest ("miou", "accuracy").
         calibration: int8 calibration data for ONNX int8 and LiteRT int8 (see
-            `quantize_with_report`); default: `samples`. Calibrating on the verification
-            samples flatters int8; pass separate data.
+            `quantize_with_report`); default: `samples`. Read once, up to
+            `max_calibration_samples`, before anything is written, and the same batches feed
+            both int8 formats (so a one-shot generator serves ONNX and LiteRT int8 alike).
+            Calibrating on the verification samples flatters int8; pass separate data.
         opset: ONNX opset, 13..18 (`check_opset`).
         simplify: simplify the ONNX graph with onnxslim before it is verified (and before int8 /
             fp16 are made from it); kept only when it passes the checker, shape inference and
@@ -445,6 +447,8 @@ def write_repository(
             by `int8_selection_metric(outputs, fp32_outputs)` (None: mean abs error against the
             fp32 ONNX model; `int8_selection_greater_is_better` for accuracy-like metrics); the
             manifest's `quantization.selection` records every candidate's score and the choice.
+            Needs "int8" in `formats`; the candidates and the metric are checked before any
+            file is written.
         task / num_classes: recorded in the manifest; None: read from the model's first output
             (rank 4 with C > 1: segmentation, rank 2: classification).
         benchmark: time batch-1 latency of Keras and each artifact side by side (off by
@@ -459,7 +463,8 @@ def write_repository(
     Raises:
         ValueError: unknown formats, samples that do not match the model's inputs, a metric
             without labels, an opset outside 13..18, ai-edge-litert (LiteRT formats) or
-            onnxslim (simplify) not installed.
+            onnxslim (simplify) not installed, invalid int8 selection arguments, empty
+            calibration data (all before any file is written).
         FileExistsError: a target exists and `overwrite` is False.
         SimplificationError: the simplified ONNX graph failed a check.
         LiteRTConversionError: the TFLite converter cannot lower an op (names op and layer).
@@ -490,6 +495,11 @@ def write_repository(
         metric_name = None
     elif metric_name is None:
         metric_name = getattr(metric, "__name__", "metric")
+    _check_int8_selection(wanted, int8_held_out, int8_selection_metric, int8_candidates)
+    if calibration is not None and any(f in ("int8", "litert_int8") for f in wanted):
+        # Read once: a one-shot generator would be drained by the first int8 format and empty
+        # for the next; both get the same batches.
+        calibration = _materialize_calibration(model, calibration, max_calibration_samples)
     output_dir = Path(output_dir)
     targets = {f: output_dir / ARTIFACT_PATHS[f] for f in wanted}
     manifest_path = output_dir / MANIFEST_FILENAME
@@ -547,14 +557,17 @@ def write_repository(
         )
 
     def int8_bars(finite_ok: bool, agreement, int8_metric) -> tuple[bool, str]:
-        bars, ok = [], finite_ok
-        if agreement is not None and int8_min_agreement is not None:
-            bars.append(f"argmax agreement >= {int8_min_agreement:g}")
-            ok = ok and agreement >= int8_min_agreement
-        if int8_metric is not None and keras_metric is not None:
-            bars.append(f"{metric_name} drop <= {int8_max_metric_drop:g}")
-            ok = ok and keras_metric - int8_metric <= int8_max_metric_drop
-        return bool(ok), " and ".join(bars) or "finite outputs (no classes, no metric)"
+        from dlmodels.export.litert import int8_verdict
+
+        return int8_verdict(
+            finite_ok,
+            agreement=agreement,
+            min_agreement=int8_min_agreement,
+            metric_before=keras_metric,
+            metric_after=int8_metric,
+            max_metric_drop=int8_max_metric_drop,
+            metric_name=metric_name,
+        )
 
     with tempfile.TemporaryDirectory(prefix="dlmodels-repo-") as scratch:
         made: dict[str, Any] = {}
@@ -795,6 +808,55 @@ def _litert_result(
         judged_by=judged,
         quantization=quantization,
     )
+
+
+def _check_int8_selection(wanted, held_out, selection_metric, candidates) -> None:
+    """The int8 selection arguments, checked before any file is written (select_quantization
+    would only see them after the .keras / ONNX files are on disk)."""
+    from dlmodels.export.quantize import _check_candidates
+
+    if held_out is not None and "int8" not in wanted:
+        raise UserError(
+            f"int8_held_out was given but formats={wanted} has no 'int8'; add 'int8' to formats "
+            "(the held-out data choose the ONNX int8 settings) or drop int8_held_out."
+        )
+    if candidates is not None:
+        _check_candidates(candidates)
+    if selection_metric is not None and not callable(selection_metric):
+        raise UserError(
+            f"int8_selection_metric must be callable(outputs, fp32_outputs), got "
+            f"{selection_metric!r}"
+        )
+
+
+def _materialize_calibration(model, calibration, max_samples: int | None) -> list[dict]:
+    """Every calibration batch, read once (at most `max_samples` samples), as {input name:
+    array} dicts cast to the model's input dtypes: what both the ONNX and the LiteRT int8
+    steps read, so a one-shot generator serves both."""
+    from dlmodels.export._signature import input_names
+    from dlmodels.export.quantize import ArrayCalibrationReader
+
+    if isinstance(calibration, ArrayCalibrationReader):
+        reader = calibration
+        reader.rewind()
+    else:
+        reader = ArrayCalibrationReader(
+            calibration,
+            input_names=input_names(model),
+            input_ranks=[len(t.shape) for t in model.inputs],
+            input_dtypes=[np.dtype(str(t.dtype)) for t in model.inputs],
+            batch_size=8,  # quantize_with_report's calibration batch size
+            max_samples=max_samples,
+        )
+    batches = []
+    while (batch := reader.get_next()) is not None:
+        batches.append(batch)
+    if not batches:
+        raise UserError(
+            "calibration is empty: the int8 formats need representative inputs (an array, a "
+            "dict by input name or an iterable of batches with at least one sample)."
+        )
+    return batches
 
 
 def _remove_manifest(path: Path) -> None:

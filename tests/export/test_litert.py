@@ -1,6 +1,7 @@
 """LiteRT fp32 / fp16 / int8: converted from the float32 clone, run with ai-edge-litert in a
 fresh process, judged against Keras on held-out synthetic data."""
 
+import importlib.metadata
 import json
 import sys
 
@@ -191,7 +192,7 @@ def test_manifest_entries(unet_repo):
     assert q["calibration_samples"] == 32 and q["activation_type"] == "int8"
     assert q["io_type"] == "float32"
     assert "quantization" not in arts["litert"]
-    assert data["tools"]["ai-edge-litert"] == "2.3.0" or data["tools"]["ai-edge-litert"]
+    assert data["tools"]["ai-edge-litert"] == importlib.metadata.version("ai-edge-litert")
     read = {a.format: a for a in load_manifest(unet_repo.manifest_path).artifacts}
     assert read["litert_fp16"].inputs[0].shape == ("batch", SIZE, SIZE, 3)
 
@@ -230,10 +231,35 @@ def test_classifier_fp32_dynamic_batch_and_int8_accuracy(
     )
     report = litert.verify_litert(
         classifier, int8, x, precision="int8", labels=y, metric=accuracy,
-        expected={"logits": keras_logits},
+        expected={"logits": keras_logits}, max_metric_drop=0.05,
     )  # fmt: skip
     assert report.passed and report.min_agreement == 0.9, report
+    assert "accuracy drop <= 0.05" in report.judged_by
     assert report.metric_keras - report.metric_litert <= 1 / 24  # at most one image of 24
+
+
+def test_int8_verdict_judges_the_metric_drop_and_says_when_only_finiteness(monkeypatch):
+    """verify_litert's int8 bar: agreement and metric drop (default 0.01); an output without
+    classes and no metric is judged on finite outputs only, and the report says so."""
+    keras_out = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    shifted = {"logits": keras_out - 0.1}  # same argmax, lower mean
+    monkeypatch.setattr(litert, "litert_predict", lambda *a, **k: shifted)
+
+    def mean_logit(labels, out):
+        return float(np.mean(out))
+
+    kw = {"precision": "int8", "expected": {"logits": keras_out}}
+    report = litert.verify_litert(None, "x.tflite", keras_out, labels=0, metric=mean_logit, **kw)
+    assert report.agreement == 1.0 and report.max_metric_drop == 0.01
+    assert not report.passed and "mean_logit drop <= 0.01" in report.judged_by, report
+    assert litert.verify_litert(
+        None, "x.tflite", keras_out, labels=0, metric=mean_logit, max_metric_drop=0.2, **kw
+    ).passed
+    one = {"logits": keras_out[:, :1]}
+    monkeypatch.setattr(litert, "litert_predict", lambda *a, **k: one)
+    with pytest.warns(UserWarning, match="finite outputs only"):
+        report = litert.verify_litert(None, "x.tflite", keras_out, precision="int8", expected=one)
+    assert report.passed and report.judged_by == litert.FINITE_ONLY
 
 
 def test_fresh_process_verification_catches_a_corrupted_file(

@@ -1,5 +1,6 @@
 """ONNX export: graph names equal the Keras names, symbolic batch, parity in a fresh process."""
 
+import sys
 from pathlib import Path
 
 import keras
@@ -184,6 +185,48 @@ def test_simplification_that_breaks_parity_is_rejected_and_file_kept(
         export.to_onnx(tiny_unet, tmp_path / "n.onnx", simplify=True)  # seeded stand-in samples
     assert export.verify(tiny_unet, tmp_path / "n.onnx", _unet_images(2, 4)).passed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "n.onnx"]  # no debris
+
+
+def test_simplify_without_samples_refuses_free_dims_before_writing(tmp_path):
+    inp = keras.Input((None, None, 3), name="image")
+    model = keras.Model(inp, keras.layers.Conv2D(2, 1, name="c")(inp))
+    with pytest.raises(ValueError, match=r"free dimensions.*samples="):
+        export.to_onnx(model, tmp_path / "m.onnx", simplify=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fault", ["io_shape", "keras_fails"])
+def test_simplify_rejects_changed_io_and_wraps_parity_failures(
+    fault, tiny_unet, unet_onnx, tmp_path, monkeypatch
+):
+    import shutil
+
+    import onnxslim
+
+    from dlmodels.export.onnx import SimplificationError, simplify_onnx
+
+    verify = sys.modules["dlmodels.export.verify"]  # the module (export.verify is a function)
+    real = onnxslim.slim
+
+    def renaming_slim(model_proto, *args, **kwargs):
+        slimmed = real(model_proto, *args, **kwargs)
+        slimmed.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"  # same names
+        return slimmed
+
+    def failing(*args, **kwargs):
+        raise ValueError("injected: Keras cannot run these samples")
+
+    if fault == "io_shape":
+        monkeypatch.setattr(onnxslim, "slim", renaming_slim)
+        match = r"changed the graph IO .*'N'.*unsimplified file .* kept"
+    else:
+        monkeypatch.setattr(verify, "keras_outputs", failing)
+        match = r"parity check .*injected.*unsimplified file .* kept"
+    path = Path(shutil.copy(unet_onnx, tmp_path / "m.onnx"))
+    original = path.read_bytes()
+    with pytest.raises(SimplificationError, match=match):
+        simplify_onnx(tiny_unet, path, samples=_unet_images(1, 3))
+    assert path.read_bytes() == original
 
 
 class _Igamma(keras.layers.Layer):

@@ -358,10 +358,11 @@ def test_selection_scores_on_held_out_data(tmp_path):
     ]
     # Independent check of the premise: each candidate quantized on its own, scored by numpy
     # against the identity (the fp32 output), on both data sets.
-    scores = {}
+    scores, alone = {}, {}
     for i, c in enumerate(grid):
         path = export.quantize_with_report(fp32, tmp_path / f"c{i}.onnx", calibration=calib, **c)
         scores[i] = (_mae_vs_identity(path.path, calib), _mae_vs_identity(path.path, held_out))
+        alone[i] = path.settings()
     assert scores[0][0] < scores[1][0]  # on calibration data: percentile wins
     assert scores[1][1] < 0.1 * scores[0][1]  # on held-out data: minmax wins by far
 
@@ -385,6 +386,9 @@ def test_selection_scores_on_held_out_data(tmp_path):
         greater_is_better=True,
     )
     assert flipped.selection["chosen"] == 0 and flipped.percentile == 99.9
+    # The chosen file is described exactly as quantize_with_report describes the same settings.
+    assert {**report.settings(), "selection": None} == alone[1]
+    assert {**flipped.settings(), "selection": None} == alone[0]
 
 
 def test_selection_default_grid_and_task_metric(onnx_file, tmp_path):

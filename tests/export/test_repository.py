@@ -136,6 +136,31 @@ def test_refuses_existing_targets_before_any_work(model, tmp_path):
         (np.zeros((2, 16, 16, 3)), {"metric": lambda y, o: 0.0}, "without labels"),
         # Checked before the .keras file (first in FORMATS) is written.
         (np.zeros((2, 16, 16, 3)), {"opset": 12}, r"opset=12 is out of range.*13\.\.18"),
+        # int8 selection arguments: checked before .keras / ONNX files are written.
+        (
+            np.zeros((2, 16, 16, 3)),
+            {
+                "formats": ["keras", "int8"],
+                "int8_held_out": images(2),
+                "int8_candidates": [{}, {"x": 1}],
+            },
+            r"candidates\[1\] has unknown keys \['x'\]",
+        ),
+        (
+            np.zeros((2, 16, 16, 3)),
+            {
+                "formats": ["keras", "int8"],
+                "int8_held_out": images(2),
+                "int8_selection_metric": "miou",
+            },
+            "int8_selection_metric must be callable",
+        ),
+        (np.zeros((2, 16, 16, 3)), {"formats": ["keras"], "int8_held_out": images(2)}, "no 'int8'"),
+        (
+            np.zeros((2, 16, 16, 3)),
+            {"formats": ["keras", "int8"], "calibration": []},
+            "calibration is empty",
+        ),
     ],
 )
 def test_clear_value_errors(model, tmp_path, samples, kwargs, match):
@@ -239,3 +264,16 @@ def test_simplified_onnx_with_node_counts_in_manifest_and_progress(model, tmp_pa
     assert simp["max_abs_error_vs_keras"] <= 1e-4 and simp["n_samples"] == 3
     assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert entry["parity"]["passed"] is True
+
+
+def test_one_shot_calibration_generator_serves_onnx_and_litert_int8(model, tmp_path):
+    """The calibration data are read once: a generator drained by the ONNX int8 step would
+    leave LiteRT int8 with "calibration is empty"."""
+    pytest.importorskip("ai_edge_litert")
+    batches = (images(3, seed) for seed in (1, 2))
+    report = export.write_repository(
+        model, tmp_path, samples=images(2), formats=("onnx", "int8", "litert_int8"),
+        calibration=batches, int8_min_agreement=None,
+    )  # fmt: skip
+    assert report["int8"].quantization["calibration_samples"] == 6
+    assert report["litert_int8"].quantization["calibration_samples"] == 6
