@@ -396,32 +396,16 @@ def litert_io(path: str | os.PathLike) -> dict:
 
 
 def _worker_main(argv: list[str]) -> int:
-    """`MODEL IN.npz OUT.npz`: run the file and save the outputs (this process imports numpy
-    and ai_edge_litert only, never TensorFlow)."""
+    """`MODEL IN.npz OUT.npz`: run the file and save the outputs (this process imports numpy,
+    ai_edge_litert and `dlmodels.runtime` only, never TensorFlow)."""
     if len(argv) != 3:
         print("usage: MODEL.tflite IN.npz OUT.npz", file=sys.stderr)
         return 2
     model_path, in_path, out_path = argv
     model = LiteRTModel(model_path)
-    with np.load(in_path) as data:
-        given = {k: data[k] for k in data.files}
-    positional = [f"input_{k}" for k in range(len(model.input_names))]
-    if set(given) == set(positional) and not set(given) & set(model.input_names):
-        feeds = [given[k] for k in positional]
-    else:
-        feeds = given
-    try:
-        outputs = model.run(feeds)
-    except (TypeError, ValueError) as err:
-        print(err, file=sys.stderr)
-        return 3
-    np.savez(
-        out_path,
-        output_names=np.array(list(outputs)),
-        tensorflow_loaded=np.array("tensorflow" in sys.modules),
-        **{f"output_{i}": v for i, v in enumerate(outputs.values())},
-    )
-    return 0
+    from dlmodels.runtime.worker import run_model_file  # TF-free, like this worker
+
+    return run_model_file(model, in_path, out_path)
 
 
 # Loads this file as a stand-alone module, so the worker never imports `dlmodels.export`

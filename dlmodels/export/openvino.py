@@ -249,31 +249,15 @@ class OpenVINOModel:
 
 def _worker_main(argv: list[str]) -> int:
     """`MODEL PRECISION IN.npz OUT.npz`: run the model and save the outputs (in this process
-    only numpy and openvino are imported, never TensorFlow)."""
+    only numpy, openvino and `dlmodels.runtime` are imported, never TensorFlow)."""
     if len(argv) != 4:
         print("usage: MODEL PRECISION IN.npz OUT.npz", file=sys.stderr)
         return 2
     model_path, precision, in_path, out_path = argv
     model = OpenVINOModel(model_path, precision=precision)
-    with np.load(in_path) as data:
-        given = {k: data[k] for k in data.files}
-    positional = [f"input_{k}" for k in range(len(model.input_names))]
-    if set(given) == set(positional) and not set(given) & set(model.input_names):
-        feeds = [given[k] for k in positional]
-    else:
-        feeds = given
-    try:
-        outputs = model.run(feeds)
-    except (TypeError, ValueError) as err:
-        print(err, file=sys.stderr)
-        return 3
-    np.savez(
-        out_path,
-        output_names=np.array(list(outputs)),
-        tensorflow_loaded=np.array("tensorflow" in sys.modules),
-        **{f"output_{i}": v for i, v in enumerate(outputs.values())},
-    )
-    return 0
+    from dlmodels.runtime.worker import run_model_file  # TF-free, like this worker
+
+    return run_model_file(model, in_path, out_path)
 
 
 # Loads this file as a stand-alone module, so the worker never imports `dlmodels.export`

@@ -17,15 +17,13 @@ import sys
 
 import numpy as np
 
-from dlmodels.runtime.onnx_runner import OnnxModel
 
+def run_model_file(model, in_path: str, out_path: str) -> int:
+    """Feed IN.npz to `model` (anything with `input_names` and `run(feeds) -> {name: array}`:
+    `OnnxModel`, `OpenVINOModel`, `LiteRTModel`) and save OUT.npz; the exit status as above.
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python -m dlmodels.runtime.worker MODEL.onnx IN.npz OUT.npz", file=sys.stderr)
-        return 2
-    model_path, in_path, out_path = argv
-    model = OnnxModel(model_path)
+    Shared by the fresh-process workers of every runtime, so they read and write the same files.
+    """
     with np.load(in_path) as data:
         given = {k: data[k] for k in data.files}
     positional = {f"input_{k}" for k in range(len(model.input_names))}
@@ -45,6 +43,16 @@ def main(argv: list[str]) -> int:
         **{f"output_{i}": v for i, v in enumerate(outputs.values())},
     )
     return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python -m dlmodels.runtime.worker MODEL.onnx IN.npz OUT.npz", file=sys.stderr)
+        return 2
+    from dlmodels.runtime.onnx_runner import OnnxModel
+
+    model_path, in_path, out_path = argv
+    return run_model_file(OnnxModel(model_path), in_path, out_path)
 
 
 if __name__ == "__main__":
