@@ -541,6 +541,20 @@ def write_repository(
             **kw,
         )
 
+    def verified_result(fmt, path, report, *, passed, judged_by, **kw) -> ArtifactResult:
+        """An ArtifactResult from an `export.verify` report (ONNX fp32, int8, fp16)."""
+        return result(
+            fmt,
+            path,
+            max_err=report.max_abs_error,
+            mean_err=report.mean_abs_error,
+            agreement=report.agreement,
+            metric_value=report.metric_onnx,
+            passed=passed,
+            judged_by=judged_by,
+            **kw,
+        )
+
     def fp32_result(fmt, path, got) -> ArtifactResult:
         max_err, mean_err, agreement, finite = export.compare_outputs(
             expected, got, where=f"{ARTIFACT_NAMES[fmt]} {path}"
@@ -611,13 +625,10 @@ def write_repository(
                 path = onnx_file()
                 report = export.verify(model, path, feeds, atol=atol, **verify_kw)
                 results.append(
-                    result(
+                    verified_result(
                         "onnx",
                         path,
-                        max_err=report.max_abs_error,
-                        mean_err=report.mean_abs_error,
-                        agreement=report.agreement,
-                        metric_value=report.metric_onnx,
+                        report,
                         passed=report.passed,
                         judged_by=f"max abs error <= {atol:g}",
                         simplification=made["simplification"],
@@ -648,13 +659,10 @@ def write_repository(
                 # With atol=inf, report.passed means: every output finite.
                 ok, judged = int8_bars(report.passed, report.agreement, report.metric_onnx)
                 results.append(
-                    result(
+                    verified_result(
                         "int8",
                         q.path,
-                        max_err=report.max_abs_error,
-                        mean_err=report.mean_abs_error,
-                        agreement=report.agreement,
-                        metric_value=report.metric_onnx,
+                        report,
                         passed=ok,
                         judged_by=judged,
                         quantization=q.settings(),
@@ -666,13 +674,10 @@ def write_repository(
                 path = to_fp16(onnx_file(), targets["fp16"], overwrite=overwrite)
                 report = export.verify(model, path, feeds, atol=fp16_atol, **verify_kw)
                 results.append(
-                    result(
+                    verified_result(
                         "fp16",
                         path,
-                        max_err=report.max_abs_error,
-                        mean_err=report.mean_abs_error,
-                        agreement=report.agreement,
-                        metric_value=report.metric_onnx,
+                        report,
                         passed=report.passed,
                         judged_by=f"max abs error <= {fp16_atol:g}",
                     )
