@@ -21,8 +21,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/dlmodels demo
 
+# Two pytest-xdist workers, each file on one worker (its module fixtures built once): the suite
+# is mostly single-threaded Python (tracing, subprocesses, servers), so 2 cores run it in
+# about three quarters of the serial time. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"

@@ -419,13 +419,14 @@ def test_to_onnx_refuses_stateful_with_a_clear_error(tmp_path):
     assert op_counts(export.to_onnx(model, tmp_path / "loop.onnx", native_rnn=False))["Loop"] == 1
 
 
-def test_to_onnx_below_opset_13_warns_and_keeps_the_loop(tmp_path, caplog):
+def test_to_onnx_below_opset_13_is_refused_before_any_file(tmp_path):
+    """Below 13 there are no native recurrent nodes (nor per-channel int8): `to_onnx` refuses
+    the opset with the reason instead of writing a Loop-based graph."""
     inp = keras.Input((T, F), name="series")
     model = keras.Model(inp, keras.layers.GRU(3, name="g")(inp))
-    with caplog.at_level("WARNING"):
-        path = export.to_onnx(model, tmp_path / "m.onnx", opset=12)
-    assert "opset >= 13" in caplog.text and "'g'" in caplog.text
-    assert op_counts(path)["Loop"] == 1
+    with pytest.raises(ValueError, match=r"opset=12 is out of range.*native recurrent nodes"):
+        export.to_onnx(model, tmp_path / "m.onnx", opset=12)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_layer_call_interception_still_works():
