@@ -227,6 +227,121 @@ def drive(url, model, feeds, expected, *, concurrency, seconds, binary, max_requ
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    return _summary(latencies, failures, wall)
+
+
+def drive_lean(url, model, feeds, expected, *, concurrency, seconds, binary, max_requests, timeout):
+    """A lean load generator with the same requests and checks as `drive`.
+
+    `concurrency` keep-alive connections on one asyncio loop (uvloop when installed), each
+    sending the exact body `tritonclient.http` builds for these inputs
+    (`InferenceServerClient.generate_request_body`, with its Inference-Header-Content-Length
+    header) and checking every answer like `drive` does: parsed with tritonclient's own
+    `parse_response_body` and compared with `expected`, or byte-identical (body and header
+    length) to an answer that was. Only the transport differs: no per-request thread
+    switch, header dict or gevent machinery, so on a machine where the client shares the
+    server's cores it leaves more of them to the server.
+    """
+    import asyncio
+
+    import tritonclient.http as th
+
+    from serving._common import NUMPY_TO_V2
+
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    inputs = []
+    for name, x in feeds.items():
+        inp = th.InferInput(name, list(x.shape), NUMPY_TO_V2[x.dtype.name])
+        inp.set_data_from_numpy(x, binary_data=binary)
+        inputs.append(inp)
+    out = [th.InferRequestedOutput(n, binary_data=binary) for n in expected]
+    body, json_size = th.InferenceServerClient.generate_request_body(inputs, outputs=out)
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    )
+    if json_size is not None:
+        head += f"Inference-Header-Content-Length: {json_size}\r\n"
+    request = head.encode() + b"\r\n" + body
+    latencies: list[float] = []
+    failures: list[str] = []
+    count = [0]
+
+    verified: set[bytes] = set()
+
+    def check(status: bytes, headers: dict, payload: bytes) -> None:
+        if status != b"200":
+            raise AssertionError(f"HTTP {status.decode()}: {payload[:120]!r}")
+        hlen = headers.get(b"inference-header-content-length")
+        key = hlen + b"|" + payload if hlen is not None else payload
+        if key in verified:  # byte-identical to an answer already parsed and checked
+            return
+        r = th.InferenceServerClient.parse_response_body(
+            payload, header_length=int(hlen) if hlen is not None else None
+        )
+        for name, want in expected.items():
+            got = r.as_numpy(name)
+            if got is None or not np.allclose(got, want, atol=1e-4):
+                raise AssertionError(f"{name} differs from raw onnxruntime")
+        if len(verified) < 64:
+            verified.add(key)
+
+    async def connection(stop):
+        reader = writer = None
+        local = []
+        try:
+            while time.perf_counter() < stop and count[0] < max_requests:
+                count[0] += 1
+                t = time.perf_counter()
+                try:
+                    async with asyncio.timeout(timeout):
+                        if writer is None:
+                            reader, writer = await asyncio.open_connection(host, int(port))
+                        writer.write(request)
+                        raw = await reader.readuntil(b"\r\n\r\n")
+                        lines = raw[:-4].split(b"\r\n")
+                        status = lines[0].split(b" ", 2)[1]
+                        headers = {}
+                        for line in lines[1:]:
+                            k, _, v = line.partition(b":")
+                            headers[k.strip().lower()] = v.strip()
+                        payload = await reader.readexactly(
+                            int(headers.get(b"content-length", b"0"))
+                        )
+                    check(status, headers, payload)
+                    if headers.get(b"connection", b"").lower() == b"close":
+                        writer.close()
+                        reader = writer = None
+                except Exception as err:  # counted, never raised: the run must finish
+                    failures.append(f"{type(err).__name__}: {err}"[:200])
+                    if writer is not None:
+                        writer.close()
+                    reader = writer = None
+                    continue
+                local.append(time.perf_counter() - t)
+        finally:
+            if writer is not None:
+                writer.close()
+            latencies.extend(local)
+
+    async def main():
+        stop = time.perf_counter() + seconds
+        await asyncio.gather(*(connection(stop) for _ in range(concurrency)))
+
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        loop_factory = None
+    start = time.perf_counter()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+    wall = time.perf_counter() - start
+    return _summary(latencies, failures, wall)
+
+
+def _summary(latencies: list[float], failures: list[str], wall: float) -> dict:
     lat = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
     return {
         "requests": len(latencies) + len(failures),
@@ -240,6 +355,10 @@ def drive(url, model, feeds, expected, *, concurrency, seconds, binary, max_requ
         "p99_ms": float(np.percentile(lat, 99)),
         "mean_ms": float(np.mean(lat)),
     }
+
+
+CLIENTS = {"tritonclient": drive, "lean": drive_lean}
+"""Load generators by name: the standard client (threads) and the lean asyncio one."""
 
 
 def process_cpu_s(pid: int | None = None) -> float:
@@ -530,7 +649,18 @@ def run(args) -> dict:
             "pin": args.pin,
             "raw_session_config": RAW_SESSION_CONFIG,
             "raw_seconds": args.raw_seconds,
-            "client": "tritonclient.http, one InferenceServerClient per thread, batch-1 requests",
+            "clients": {
+                "tritonclient": "tritonclient.http, one InferenceServerClient per thread, "
+                "batch-1 requests",
+                "lean": "drive_lean: one asyncio (uvloop) keep-alive connection per concurrent "
+                "request sending request bytes built once (the body tritonclient.http builds "
+                "for the same inputs, so the client's per-request encoding is not paid); every "
+                "answer checked: parsed with tritonclient's parse_response_body and compared, "
+                "or byte-identical to an answer that was. It measures what the server does "
+                "when the client leaves it the shared cores",
+            },
+            "clients_run": args.clients,
+            "lean_encodings": args.lean_encodings,
             "server": "python -m serving on 127.0.0.1 (uvicorn), same machine as the client"
             + (", pinned to its own cores" if placement["pinned"] else ", same cores"),
             "reference": "in-process onnxruntime in the benchmark process, batch 1 back to "
@@ -564,6 +694,11 @@ def run(args) -> dict:
         expected[m] = model.run(inputs[m])
         print(f"raw {m}: {result['raw_onnxruntime'][m]}", file=sys.stderr)
     levels = [int(c) for c in args.concurrency.split(",")]
+    clients = [k.strip() for k in args.clients.split(",") if k.strip()]
+    unknown = [k for k in clients if k not in CLIENTS]
+    if unknown:
+        raise SystemExit(f"--clients: unknown {unknown}; choose from {sorted(CLIENTS)}")
+    lean_encodings = {e.strip() for e in args.lean_encodings.split(",") if e.strip()}
     for batching in args.batching.split(","):
         port = _free_port()
         extra = ["--max-batch-size", str(args.max_batch_size)]
@@ -575,7 +710,10 @@ def run(args) -> dict:
         try:
             for m in models:
                 for encoding in args.encodings.split(","):
-                    for c in levels:
+                    runs = [(c, k) for c in levels for k in clients]
+                    if encoding not in lean_encodings:
+                        runs = [(c, k) for c, k in runs if k != "lean"]
+                    for c, client in runs:
                         # The reference again, right before the cell: on a shared machine the
                         # load moves, and the ratio should compare like with like.
                         if server_cpus:
@@ -588,7 +726,7 @@ def run(args) -> dict:
                         load = os.getloadavg()
                         observed = _affinities(proc.pid)
                         cpu = (process_cpu_s(proc.pid), process_cpu_s())
-                        cell = drive(
+                        cell = CLIENTS[client](
                             url,
                             m,
                             inputs[m],
@@ -609,6 +747,7 @@ def run(args) -> dict:
                             cell["client_and_http_ms"] = cell["mean_ms"] - cell["server_ms"]
                         cell.update(
                             model=m,
+                            client=client,
                             batching=batching,
                             encoding=encoding,
                             concurrency=c,
@@ -622,6 +761,7 @@ def run(args) -> dict:
                         result["cells"].append(cell)
                         print(
                             f"{m:9s} batching={batching:3s} {encoding:6s} c={c:<3d} "
+                            f"{client:12s} "
                             f"{cell['requests_per_s']:8.1f} req/s "
                             f"ratio {cell['ratio_vs_raw_b1']:.2f}"
                             f" p50 {cell['p50_ms']:.2f} p99 {cell['p99_ms']:.2f} ms "
@@ -680,8 +820,9 @@ def breakdowns(
             out["models"][m] = {"error": f"{type(err).__name__}: {err}"}
             continue
         for c in cells:
-            if (c["model"], c["encoding"], c["batching"], c["concurrency"]) == (
+            if (c["model"], c["client"], c["encoding"], c["batching"], c["concurrency"]) == (
                 m,
+                "tritonclient",
                 "binary",
                 "on",
                 b["concurrency"],
@@ -698,18 +839,20 @@ def breakdowns(
 
 def markdown(result: dict) -> str:
     rows = [
-        "| model | batching | tensors | c | req/s | raw ORT b1/s | ratio | p50 ms | p99 ms | "
-        "batch | server ms | client+HTTP ms | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batching | tensors | c | client | req/s | raw ORT b1/s | ratio | p50 ms | "
+        "p99 ms | batch | server ms | client+HTTP ms | client CPU µs/req | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cells"]:
         server = c.get("server_ms") or 0.0
         rows.append(
             f"| {c['model']} | {c['batching']} | {c['encoding']} | {c['concurrency']} | "
-            f"{c['requests_per_s']:.0f} | {c['raw_b1_before']['items_per_s']:.0f} | "
+            f"{c.get('client', 'tritonclient')} | {c['requests_per_s']:.0f} | "
+            f"{c['raw_b1_before']['items_per_s']:.0f} | "
             f"{c['ratio_vs_raw_b1']:.2f} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
             f"{c['mean_batch_size'] or 0:.1f} | {server:.2f} | "
-            f"{c.get('client_and_http_ms', 0.0):.2f} | {c['failed']} |"
+            f"{c.get('client_and_http_ms', 0.0):.2f} | "
+            f"{1e3 * c['client_cpu_ms_per_request']:.0f} | {c['failed']} |"
         )
     return "\n".join(rows)
 
@@ -726,6 +869,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per cell")
     p.add_argument("--concurrency", default="1,16,32")
     p.add_argument("--encodings", default="binary,json")
+    p.add_argument(
+        "--clients",
+        default="tritonclient,lean",
+        help="load generators: tritonclient (tritonclient.http threads) and lean (asyncio, "
+        "same requests and checks)",
+    )
+    p.add_argument(
+        "--lean-encodings",
+        default="binary",
+        help="the encodings the lean client runs with (the tritonclient one runs them all)",
+    )
     p.add_argument("--batching", default="on,off")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-queue-delay-ms", type=float, default=1.0)

@@ -270,6 +270,8 @@ def test_load_benchmark_runs_and_records_everything(repo, tmp_path):
             "2",
             "--encodings",
             "binary",
+            "--clients",
+            "tritonclient,lean",
             "--batching",
             "on",
             "--raw-seconds",
@@ -292,7 +294,12 @@ def test_load_benchmark_runs_and_records_everything(repo, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    (cell,) = result["cells"]
+    cell, lean = result["cells"]
+    assert (cell["client"], lean["client"]) == ("tritonclient", "lean")
+    # The lean client sends the same requests and checks every answer the same way.
+    assert lean["failed"] == 0 and lean["ok"] == lean["requests"] > 0
+    assert lean["requests_per_s"] == pytest.approx(lean["ok"] / lean["wall_s"])
+    assert lean["onnxruntime_runs"] >= 1 and lean["client_cpu_ms_per_request"] > 0
     raw = cell["raw_b1_before"]["items_per_s"]
     assert cell["failed"] == 0 and cell["ok"] == cell["requests"] > 0
     assert cell["requests_per_s"] == pytest.approx(cell["ok"] / cell["wall_s"])
@@ -305,7 +312,8 @@ def test_load_benchmark_runs_and_records_everything(repo, tmp_path):
     assert cell["onnxruntime_runs"] >= 1 and cell["mean_batch_size"] >= 1
     assert len(result["loadavg_start"]) == 3 and result["machine"]["cpus"]
     assert result["settings"]["duration_s"] == 1 and result["settings"]["server_threads"] == 1
-    assert "| classifier | on | binary | 2 |" in proc.stdout
+    assert "| classifier | on | binary | 2 | tritonclient |" in proc.stdout
+    assert "| classifier | on | binary | 2 | lean |" in proc.stdout
     cpus = sorted(os.sched_getaffinity(0))
     placement = result["placement"]
     assert placement["pinned"] == (len(cpus) >= 2)
@@ -322,3 +330,25 @@ def test_load_benchmark_runs_and_records_everything(repo, tmp_path):
     assert where["http_server_cpu_us_per_request"] == pytest.approx(
         1e3 * cell["server_cpu_ms_per_request"] - where["asgi_app_cpu_us_per_request"]
     )
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_lean_load_generator_checks_every_answer(server, repo, binary):
+    """The lean client counts a request as ok only when its answer matches the expected output:
+    right answers pass, a wrong expectation or an unknown model fails every request."""
+    from serving.bench import drive, drive_lean
+
+    x = {"image": repo[1]["classifier"]["image"][:1]}
+    want = {"logits": direct(repo[0] / "classifier" / "model.onnx", x["image"])}
+    kwargs = {"concurrency": 3, "seconds": 30, "binary": binary, "timeout": 30}
+    ok = drive_lean(server.url, "classifier", x, want, max_requests=40, **kwargs)
+    assert (ok["ok"], ok["failed"]) == (40, 0), ok["failure_examples"]
+    # The same run through tritonclient.http agrees.
+    assert drive(server.url, "classifier", x, want, max_requests=10, **kwargs)["ok"] == 10
+    wrong = {"logits": want["logits"] + 0.01}
+    bad = drive_lean(server.url, "classifier", x, wrong, max_requests=20, **kwargs)
+    assert (bad["ok"], bad["failed"]) == (0, 20)
+    assert bad["failure_examples"] == ["AssertionError: logits differs from raw onnxruntime"]
+    missing = drive_lean(server.url, "no_such_model", x, want, max_requests=5, **kwargs)
+    assert (missing["ok"], missing["failed"]) == (0, 5)
+    assert all("HTTP 404" in e for e in missing["failure_examples"])
