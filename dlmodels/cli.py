@@ -131,6 +131,21 @@ def _quiet_tf():
         os.close(devnull)
 
 
+def _precision_scope(precision: str):
+    """The `--precision` choice checked up front, said on stderr, and applied as Keras' global
+    dtype policy while the model is built and trained."""
+    from dlmodels.training import PRECISIONS, precision_scope, resolve_precision
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(PRECISIONS)}, got {precision!r}", param_hint="--precision"
+        )
+    chosen = resolve_precision(precision)
+    if precision != "float32":
+        typer.echo(f"precision: {chosen.policy} ({chosen.reason})", err=True)
+    return precision_scope(chosen)
+
+
 def _console():
     from rich.console import Console
 
@@ -270,6 +285,13 @@ def train_cmd(
         int | None, typer.Option(help="DeepLab / PSPNet: 8 or 16 (default: the model's)")
     ] = None,
     strategy: Annotated[str, typer.Option(help="auto|default|one_device|mirrored|...")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="float32, mixed_float16, mixed_bfloat16, or auto: mixed_float16 on GPUs with "
+            "tensor cores, mixed_bfloat16 on TPUs and CPUs with AVX512-BF16 / AMX-BF16"
+        ),
+    ] = "float32",
     checkpoint_dir: Annotated[Path | None, typer.Option(help="resume from / save to")] = None,
     latent_dim: Annotated[
         int | None, typer.Option(min=1, help="vae / cgan: size of z (default 8 / 32)")
@@ -294,10 +316,14 @@ def train_cmd(
         dlmodels train --data my_classes/ --model resnet18 --epochs 20
 
         dlmodels train --model deeplabv3plus --backbone resnet18 --output-stride 8
+
+        dlmodels train --precision auto --epochs 8
     """
     _quiet_tf()
     from dlmodels import demo, export
     from dlmodels.export._atomic import check_target
+
+    scope = _precision_scope(precision)
 
     size = None if image_size is None else _parse_size(image_size)
     import dlmodels.models as registry
@@ -320,19 +346,20 @@ def train_cmd(
             model_kwargs["output_stride"] = output_stride
         if depth is not None:
             model_kwargs["depth"] = depth
-        result = demo.train_from_folder(
-            data,
-            model_name=model,
-            image_size=size,
-            epochs=10 if epochs is None else epochs,
-            batch_size=batch_size,
-            model_kwargs=model_kwargs,
-            ignore_index=ignore_index,
-            num_classes=num_classes,
-            strategy=strategy,
-            checkpoint_dir=checkpoint_dir,
-            seed=seed,
-        )
+        with scope:
+            result = demo.train_from_folder(
+                data,
+                model_name=model,
+                image_size=size,
+                epochs=10 if epochs is None else epochs,
+                batch_size=batch_size,
+                model_kwargs=model_kwargs,
+                ignore_index=ignore_index,
+                num_classes=num_classes,
+                strategy=strategy,
+                checkpoint_dir=checkpoint_dir,
+                seed=seed,
+            )
         export.to_keras(result.model, output, overwrite=overwrite)
         typer.echo(result.summary)  # plain lines: no wrapping of long paths
         typer.echo(
@@ -364,19 +391,20 @@ def train_cmd(
                 "the digits are 8x8; --image-size applies to --dataset shapes",
                 param_hint="--image-size",
             )
-        _train_generative(
-            model.lower(),
-            dataset,
-            (size or (16, 16)) if dataset == "shapes" else None,
-            output,
-            epochs,
-            batch_size,
-            latent_dim,
-            gan_loss,
-            strategy,
-            seed,
-            overwrite,
-        )
+        with scope:
+            _train_generative(
+                model.lower(),
+                dataset,
+                (size or (16, 16)) if dataset == "shapes" else None,
+                output,
+                epochs,
+                batch_size,
+                latent_dim,
+                gan_loss,
+                strategy,
+                seed,
+                overwrite,
+            )
         return
     if dataset not in (None, "shapes"):
         raise typer.BadParameter(
@@ -404,19 +432,20 @@ def train_cmd(
     except ValueError as err:
         raise UserError(_one_line(err)) from None
     check_target(output, overwrite=overwrite)  # refuse before minutes of training
-    result = demo.train_segmentation(
-        model_kwargs=model_kwargs,
-        model_name=model.lower(),
-        image_size=size or (64, 64),
-        epochs=epochs,
-        batch_size=batch_size,
-        train_samples=train_samples,
-        base_filters=base_filters,
-        depth=depth,
-        strategy=strategy,
-        checkpoint_dir=checkpoint_dir,
-        seed=seed,
-    )
+    with scope:
+        result = demo.train_segmentation(
+            model_kwargs=model_kwargs,
+            model_name=model.lower(),
+            image_size=size or (64, 64),
+            epochs=epochs,
+            batch_size=batch_size,
+            train_samples=train_samples,
+            base_filters=base_filters,
+            depth=depth,
+            strategy=strategy,
+            checkpoint_dir=checkpoint_dir,
+            seed=seed,
+        )
     export.to_keras(result.model, output, overwrite=overwrite)
     _console().print(
         f"test mIoU {result.test_miou:.4f} after {result.train_seconds:.0f} s; wrote {output}"

@@ -3,6 +3,12 @@
 from dlmodels.training.context import StepContext
 from dlmodels.training.ema import ExponentialMovingAverage
 from dlmodels.training.launch import launch_local, ray_train, tfjob_manifest, write_tfjob
+from dlmodels.training.precision import (
+    PRECISIONS,
+    Precision,
+    precision_scope,
+    resolve_precision,
+)
 from dlmodels.training.replicas import fold_seeds_per_replica, synchronized_batch_norm
 from dlmodels.training.schedules import (
     WarmupCosineDecay,
@@ -16,10 +22,12 @@ from dlmodels.training.tasks import GANTask, SupervisedTask, Task, VAETask
 from dlmodels.training.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
+    "PRECISIONS",
     "STRATEGIES",
     "ExponentialMovingAverage",
     "GANTask",
     "NonFiniteLossError",
+    "Precision",
     "Seq2SeqTask",
     "StepContext",
     "SupervisedTask",
@@ -32,7 +40,9 @@ __all__ = [
     "goyal_schedule",
     "is_chief",
     "launch_local",
+    "precision_scope",
     "ray_train",
+    "resolve_precision",
     "resolve_strategy",
     "scaled_learning_rate",
     "synchronized_batch_norm",
