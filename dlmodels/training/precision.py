@@ -11,7 +11,7 @@ instructions (AVX512-BF16 or AMX-BF16; float32's exponent range, so no loss scal
 the policy in force when they are created) and restores the previous one.
 
 Measured on this project's 2-core AVX512-BF16 CPU (TF 2.21, oneDNN, `model.fit`, 4 epochs of
-20 steps after warm-up): `mixed_bfloat16` used 9% less CPU per step than float32 on the demo
+20 steps after warm-up): `mixed_bfloat16` used 8.6% less CPU per step than float32 on the demo
 U-Net (2.23 vs 2.44 CPU s per 20 steps) and 10% less on ResNet-50 at 96x96 batch 16 (0.52 vs
 0.58 CPU s per step); wall time on the shared machine moved by less than its noise.
 """
