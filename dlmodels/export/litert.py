@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from dlmodels.errors import UserError
+from dlmodels.runtime.feeds import match_feeds
 
 PRECISIONS = ("fp32", "fp16", "int8")
 """What `to_litert` writes."""
@@ -352,28 +353,11 @@ class LiteRTModel:
         }
 
     def feeds(self, inputs) -> dict[str, np.ndarray]:
-        names = self.input_names
-        if isinstance(inputs, Mapping):
-            missing = [n for n in names if n not in inputs]
-            if missing or len(inputs) != len(names):
-                raise UserError(
-                    f"{self.path.name}: inputs {sorted(inputs)}; the model's inputs are {names}"
-                )
-            arrays = [inputs[n] for n in names]
-        elif isinstance(inputs, list | tuple):
-            if len(inputs) != len(names):
-                raise UserError(
-                    f"{self.path.name}: got {len(inputs)} input arrays for inputs {names}"
-                )
-            arrays = list(inputs)
-        else:
-            if len(names) != 1:
-                raise UserError(f"{self.path.name}: the model has inputs {names}; pass a dict")
-            arrays = [inputs]
-        return {
-            n: np.ascontiguousarray(a, dtype=self.input_dtypes[n])
-            for n, a in zip(names, arrays, strict=True)
-        }
+        """Map `inputs` (one array, a list in input order or a dict by name) to contiguous
+        arrays of the signature's dtypes, converted as numpy converts ("unsafe" casting)."""
+        return match_feeds(
+            inputs, self.input_names, self.input_dtypes, owner=self.path.name, cast="unsafe"
+        )
 
     def run(self, inputs) -> dict[str, np.ndarray]:
         """Run once (any batch size); returns output name -> array in signature order."""

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dlmodels.errors import UserError
+from dlmodels.runtime.feeds import match_feeds
 
 PRECISIONS = ("f32", "bf16", "int8")
 """What `OpenVINOModel` compiles for; "int8" means "a QDQ file, everything else in f32"."""
@@ -204,30 +205,11 @@ class OpenVINOModel:
         return out
 
     def feeds(self, inputs) -> dict[str, np.ndarray]:
-        names = self.input_names
-        if isinstance(inputs, Mapping):
-            missing = [n for n in names if n not in inputs]
-            if missing or len(inputs) != len(names):
-                raise UserError(
-                    f"{self.path.name}: inputs {sorted(inputs)}; the model's inputs are {names}"
-                )
-            arrays = [inputs[n] for n in names]
-        elif isinstance(inputs, list | tuple):
-            if len(inputs) != len(names):
-                raise UserError(
-                    f"{self.path.name}: got {len(inputs)} input arrays for inputs {names}"
-                )
-            arrays = list(inputs)
-        else:
-            if len(names) != 1:
-                raise UserError(f"{self.path.name}: the model has inputs {names}; pass a dict")
-            arrays = [inputs]
-        return {
-            n: np.ascontiguousarray(
-                a, dtype=np.float32 if np.asarray(a).dtype == np.float64 else None
-            )
-            for n, a in zip(names, arrays, strict=True)
-        }
+        """Map `inputs` (one array, a list in input order or a dict by name) to contiguous
+        arrays by input name: float64 (numpy's default, parsed JSON) becomes float32; other
+        dtypes pass as given, for OpenVINO to take or refuse."""
+        feeds = match_feeds(inputs, self.input_names, owner=self.path.name)
+        return {n: a.astype(np.float32) if a.dtype == np.float64 else a for n, a in feeds.items()}
 
     def run(self, inputs) -> dict[str, np.ndarray]:
         """Run once; returns output name -> array (copied out of OpenVINO's buffers)."""

@@ -16,6 +16,7 @@ import platform
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -423,6 +424,47 @@ def _calibration_reader(calibration, graph: Path, batch_size, max_samples):
     )
 
 
+class _Prepared(NamedTuple):
+    pre: Path
+    reader: ArrayCalibrationReader | None
+    reduce_range: bool
+    reduce_range_reason: str
+
+
+def _prepare(
+    onnx_path: Path,
+    out_path: Path,
+    tmp: Path,
+    *,
+    overwrite: bool,
+    reduce_range: bool | None,
+    calibration=None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+) -> _Prepared:
+    """The setup `quantize_with_report` and `select_quantization` share: refuse a missing
+    source or an existing target before any work, choose `reduce_range` (and say why),
+    pre-process into `tmp`, and, given `calibration`, a reader over the pre-processed graph's
+    inputs that has already read one batch."""
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {onnx_path}")
+    check_target(out_path, overwrite=overwrite)
+    if reduce_range is None:
+        reduce_range, reason = default_reduce_range()
+    else:
+        reduce_range, reason = bool(reduce_range), "argument"
+    pre = tmp / "preprocessed.onnx"
+    _pre_process(onnx_path, pre)
+    reader = None
+    if calibration is not None:
+        reader = _calibration_reader(calibration, pre, batch_size, max_samples)
+        # Peek so an empty data set fails here with a clear message, not deep in ORT; the
+        # reader keeps what it read, so rewinding replays the peeked batch too.
+        if reader.get_next() is None:
+            raise UserError("`calibration` yielded no samples")
+    return _Prepared(pre, reader, reduce_range, reason)
+
+
 def _check_method(calibration_method, percentile):
     if calibration_method not in CALIBRATION_METHODS:
         raise UserError(
@@ -583,33 +625,32 @@ def quantize_with_report(
             "tf.data.Dataset of representative inputs); use mode='dynamic' to quantize without."
         )
     _check_method(calibration_method, percentile)
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {onnx_path}")
-    check_target(out_path, overwrite=overwrite)
-    if reduce_range is None:
-        reduce_range, reason = default_reduce_range()
-    else:
-        reduce_range, reason = bool(reduce_range), "argument"
-    with tempfile.TemporaryDirectory(prefix="dlmodels-quant-") as tmp:
-        if mode == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
+    if mode == "fp16":
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {onnx_path}")
+        check_target(out_path, overwrite=overwrite)
+        from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            fp16 = convert_float_to_float16(
-                onnx.load(str(onnx_path)), keep_io_types=True, disable_shape_infer=False
-            )
-            with atomic_path(out_path, overwrite=overwrite) as dst:
-                onnx.save(fp16, str(dst))
-            return QuantizeReport(path=out_path, mode=mode, weight_type="float16")
-        pre = Path(tmp) / "preprocessed.onnx"
-        _pre_process(onnx_path, pre)
+        fp16 = convert_float_to_float16(
+            onnx.load(str(onnx_path)), keep_io_types=True, disable_shape_infer=False
+        )
+        with atomic_path(out_path, overwrite=overwrite) as dst:
+            onnx.save(fp16, str(dst))
+        return QuantizeReport(path=out_path, mode=mode, weight_type="float16")
+    with tempfile.TemporaryDirectory(prefix="dlmodels-quant-") as tmp:
+        pre, reader, reduce_range, reason = _prepare(
+            onnx_path,
+            out_path,
+            Path(tmp),
+            overwrite=overwrite,
+            reduce_range=reduce_range,
+            calibration=calibration if mode == "static" else None,
+            batch_size=batch_size,
+            max_samples=max_calibration_samples,
+        )
         quantized = Path(tmp) / "quantized.onnx"
         if mode == "static":
             excluded = _resolve_exclude(pre, nodes_to_exclude)
-            reader = _calibration_reader(calibration, pre, batch_size, max_calibration_samples)
-            # Peek so an empty data set fails here with a clear message, not deep in ORT; the
-            # reader keeps what it read, so rewinding replays the peeked batch too.
-            if reader.get_next() is None:
-                raise UserError("`calibration` yielded no samples")
             settings = {
                 "per_channel": per_channel,
                 "calibration_method": calibration_method,
@@ -1029,20 +1070,18 @@ def select_quantization(
     metric = mean_abs_error if metric is None else metric
     if not callable(metric):
         raise UserError(f"metric must be callable(outputs, fp32_outputs), got {metric!r}")
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {onnx_path}")
-    check_target(out_path, overwrite=overwrite)
-    if reduce_range is None:
-        reduce_range, reason = default_reduce_range()
-    else:
-        reduce_range, reason = bool(reduce_range), "argument"
     with tempfile.TemporaryDirectory(prefix="dlmodels-select-") as tmp:
         tmp = Path(tmp)
-        pre = tmp / "preprocessed.onnx"
-        _pre_process(onnx_path, pre)
-        reader = _calibration_reader(calibration, pre, batch_size, max_calibration_samples)
-        if reader.get_next() is None:
-            raise UserError("`calibration` yielded no samples")
+        pre, reader, reduce_range, reason = _prepare(
+            onnx_path,
+            out_path,
+            tmp,
+            overwrite=overwrite,
+            reduce_range=reduce_range,
+            calibration=calibration,
+            batch_size=batch_size,
+            max_samples=max_calibration_samples,
+        )
         scorer = _calibration_reader(held_out, pre, batch_size, None)
         batches = []
         while (feeds := scorer.get_next()) is not None:

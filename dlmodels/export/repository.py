@@ -541,15 +541,19 @@ def write_repository(
             **kw,
         )
 
-    def verified_result(fmt, path, report, *, passed, judged_by, **kw) -> ArtifactResult:
-        """An ArtifactResult from an `export.verify` report (ONNX fp32, int8, fp16)."""
+    def verified_result(
+        fmt, path, report, *, metric_value, passed, judged_by, **kw
+    ) -> ArtifactResult:
+        """An ArtifactResult from a parity report (`export.verify` for ONNX fp32, int8 and fp16,
+        `verify_litert` for LiteRT): its errors and agreement, the caller's metric value and
+        verdict."""
         return result(
             fmt,
             path,
             max_err=report.max_abs_error,
             mean_err=report.mean_abs_error,
             agreement=report.agreement,
-            metric_value=report.metric_onnx,
+            metric_value=metric_value,
             passed=passed,
             judged_by=judged_by,
             **kw,
@@ -629,6 +633,7 @@ def write_repository(
                         "onnx",
                         path,
                         report,
+                        metric_value=report.metric_onnx,
                         passed=report.passed,
                         judged_by=f"max abs error <= {atol:g}",
                         simplification=made["simplification"],
@@ -663,6 +668,7 @@ def write_repository(
                         "int8",
                         q.path,
                         report,
+                        metric_value=report.metric_onnx,
                         passed=ok,
                         judged_by=judged,
                         quantization=q.settings(),
@@ -678,6 +684,7 @@ def write_repository(
                         "fp16",
                         path,
                         report,
+                        metric_value=report.metric_onnx,
                         passed=report.passed,
                         judged_by=f"max abs error <= {fp16_atol:g}",
                     )
@@ -697,7 +704,7 @@ def write_repository(
                         atol=atol,
                         fp16_atol=fp16_atol,
                         int8_bars=int8_bars,
-                        result=result,
+                        verified_result=verified_result,
                     )
                 )
 
@@ -764,7 +771,7 @@ def _litert_result(
     atol,
     fp16_atol,
     int8_bars,
-    result,
+    verified_result,
 ) -> ArtifactResult:
     """Convert one LiteRT precision, run it in a fresh ai-edge-litert process, judge it."""
     from dlmodels.export.litert import _representative_dataset, to_litert, verify_litert
@@ -802,12 +809,10 @@ def _litert_result(
         }
     else:
         ok, judged = report.passed, f"max abs error <= {bar:g}"
-    return result(
+    return verified_result(
         fmt,
         path,
-        max_err=report.max_abs_error,
-        mean_err=report.mean_abs_error,
-        agreement=report.agreement,
+        report,
         metric_value=report.metric_litert,
         passed=ok,
         judged_by=judged,

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from dlmodels.errors import UserError
+from dlmodels.runtime.feeds import match_feeds
 from dlmodels.runtime.manifest import Artifact, Manifest, TensorSpec, load_manifest
 
 # onnxruntime reports element types as "tensor(<type>)".
@@ -38,6 +39,9 @@ _ORT_DTYPES = {
 }
 
 _CASTS = ("no", "equiv", "safe", "same_kind")
+
+# Feeds are cast to these input dtypes; bfloat16 (numpy has none) and unknown types pass as given.
+_CASTABLE = frozenset(_ORT_DTYPES.values()) - {"bfloat16"}
 
 _OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -179,48 +183,17 @@ class OnnxModel:
 
     def feeds(self, inputs) -> dict[str, np.ndarray]:
         """Map `inputs` to checked, contiguous arrays by input name (see `run`)."""
-        names = self.input_names
-        if isinstance(inputs, Mapping):
-            missing = [n for n in names if n not in inputs]
-            unexpected = [str(k) for k in inputs if k not in names]
-            if missing or unexpected:
-                parts = []
-                if missing:
-                    parts.append(f"missing {missing}")
-                if unexpected:
-                    parts.append(f"unexpected {unexpected}")
-                raise UserError(
-                    f"{self.path.name}: inputs {', '.join(parts)}; the model's inputs are {names}"
-                )
-            arrays = [inputs[n] for n in names]
-        elif isinstance(inputs, list | tuple):
-            if len(inputs) != len(names):
-                raise UserError(
-                    f"{self.path.name}: got {len(inputs)} input arrays; the model has "
-                    f"{len(names)} inputs {names} (pass them in this order, or a dict by name)"
-                )
-            arrays = list(inputs)
-        else:
-            if len(names) != 1:
-                raise UserError(
-                    f"{self.path.name}: the model has inputs {names}; pass a list in this "
-                    "order or a dict by name"
-                )
-            arrays = [inputs]
-        return {s.name: self._check(s, a) for s, a in zip(self.inputs, arrays, strict=True)}
+        specs = {s.name: s for s in self.inputs}
+        return match_feeds(
+            inputs,
+            self.input_names,
+            [s.dtype if s.dtype in _CASTABLE else None for s in self.inputs],
+            owner=self.path.name,
+            cast=self.cast,
+            check=lambda name, arr: self._check_shape(specs[name], arr),
+        )
 
-    def _check(self, spec: TensorSpec, value) -> np.ndarray:
-        arr = np.asarray(value)
-        where = f"{self.path.name}: input {spec.name!r}"
-        if spec.dtype in _ORT_DTYPES.values() and spec.dtype != "bfloat16":
-            want = np.dtype(spec.dtype)
-            if arr.dtype != want:
-                if not np.can_cast(arr.dtype, want, casting=self.cast):
-                    raise TypeError(
-                        f"{where} expects dtype {want.name}, got {arr.dtype.name} (not castable "
-                        f"under casting={self.cast!r}); convert it with .astype({want.name!r})"
-                    )
-                arr = arr.astype(want)
+    def _check_shape(self, spec: TensorSpec, arr: np.ndarray) -> None:
         if not spec.compatible_shape(arr.shape):
             expected = "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
             if arr.ndim != spec.rank:
@@ -228,10 +201,9 @@ class OnnxModel:
             else:
                 problem = f"shape {list(arr.shape)}"
             raise UserError(
-                f"{where} expects rank {spec.rank} with shape {expected} (names and ? are free "
-                f"sizes), got {problem}"
+                f"{self.path.name}: input {spec.name!r} expects rank {spec.rank} with shape "
+                f"{expected} (names and ? are free sizes), got {problem}"
             )
-        return np.ascontiguousarray(arr)
 
     def run(self, inputs, output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model.
