@@ -5,14 +5,37 @@ For each model (ResNet-50 at 96x96, batch 16, 10 classes; the U-Net `dlmodels de
 `MirroredStrategy` over 2 logical CPUs, or over the GPUs when there are several), two copies of
 the model start from the same weights with the same optimizer (Adam), loss (sparse
 cross-entropy from logits), metrics (the Trainer's defaults, also compiled into `fit`), batch
-and data: an in-memory synthetic `tf.data` pipeline, cached and prefetched. Every timed round
-is one epoch of `--steps` steps, run by `Trainer.fit` and then by `model.fit` (A, B, A, B, ...)
-after one untimed warm-up epoch each (tracing), so load from other processes hits both; steps/s
-are from the median epoch time. `ratio` = Trainer steps/s / `fit` steps/s (> 1: the Trainer is
-faster); `ratio_best` compares the fastest epochs. On a shared machine wall time mostly measures
-the other processes, so the CPU time this process spent per step is recorded too (`cpu_ratio` =
-`fit` CPU s/step / Trainer CPU s/step, > 1: the Trainer needs less CPU). Both paths are
-checked to have trained: the same number of optimizer steps, weights moved. Under
+and data: an in-memory synthetic `tf.data` pipeline of `--steps` batches, cached, repeated and
+prefetched, so both paths read the same batches in the same order.
+
+What is timed: steady-state epochs, inside the training call. Every timed round of a path is
+ONE call, `Trainer.fit(..., steps_per_epoch=steps)` or `model.fit(..., epochs=E,
+steps_per_epoch=steps)`, training `--epochs-per-round` (E, default 3) epochs of `--steps`
+steps; rounds alternate Trainer, fit, Trainer, fit, ... after one untimed one-epoch call per
+path (tracing), so load from other processes hits both. A callback on each side
+(`EpochClock`; for `fit` a `keras.callbacks.Callback`, for the Trainer its `callbacks=` hook)
+reads `time.perf_counter` and `time.process_time` when each epoch ends: in the Trainer after
+the epoch's logs were read back from the device and its counters and `history["seconds"]`
+were set; in `fit` after Keras turned the epoch's logs into Python numbers, before its
+`History` callback. An epoch's time is end of the previous epoch -> end of this one, the same
+span on both sides: everything the loop does per epoch (reset metrics, the steps, read the
+logs, the callbacks). The first epoch of every call is measured from just before the call
+(iterator creation and first prefetch, the Trainer's `Dataset.skip` of the batches it already
+trained, `fit`'s data adapter and callback set-up) and left out of the statistics
+(`*_first_epoch_seconds`), so E - 1 epochs per round count. The whole call is recorded too
+(`*_call_seconds`) with the part after the last epoch ended (`*_after_last_epoch_seconds`:
+`fit`'s `on_train_end`, iterator and strategy teardown), which a per-call timing mixes into
+every epoch (`call_ratio`). For reference the narrower spans each library reports are kept:
+`fit_begin_to_end_epoch_seconds` (Keras `on_epoch_begin` -> `on_epoch_end`: without the reset
+of metrics and the previous epoch's remaining callbacks) and `trainer_reported_epoch_seconds`
+(the Trainer's `history["seconds"]`: from the top of its epoch loop to after the epoch's logs).
+
+Steps/s are `--steps` over the median steady-state epoch time. `ratio` = Trainer steps/s /
+`fit` steps/s (> 1: the Trainer is faster); `ratio_best` compares the fastest epochs. On a
+shared machine wall time mostly measures the other processes, so the CPU time this process
+spent per step is recorded too (`cpu_ratio` = `fit` CPU s/step / Trainer CPU s/step, > 1: the
+Trainer needs less CPU). Both paths are checked to have trained: the same number of optimizer
+steps (`expected_optimizer_steps` = (warm-up calls + rounds x E) x steps), weights moved. Under
 `MirroredStrategy` the model for `fit` is built and compiled inside `strategy.scope()`; the
 Trainer synchronises BatchNorm across replicas (its default, which `fit` does not do), so it
 does more work there.
@@ -21,7 +44,7 @@ Results go to `benchmarks/results/training.json` (`write_results`, with `machine
 Numbers from a busy machine are noisy; rerun on a quiet one:
 
     python -m dlmodels.bench.training                    # ResNet-50 and the demo U-Net
-    python -m dlmodels.bench.training --steps 20 --repeats 5
+    python -m dlmodels.bench.training --steps 20 --repeats 5 --epochs-per-round 4
     python -m dlmodels.bench.training --quick            # tiny models, a smoke test
     python -m dlmodels.bench.training --out /tmp/training.json
 
@@ -31,6 +54,7 @@ TensorFlow must not have started when `main` runs (it splits the CPU into 2 logi
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -125,7 +149,9 @@ def mirrored_devices():
 
 
 def synthetic_dataset(spec, steps, seed=0):
-    """`steps` batches of random images and labels, in memory, cached and prefetched."""
+    """`steps` batches of random images and labels, in memory, cached, repeated forever and
+    prefetched: train it with `steps_per_epoch=steps` (every epoch then sees the same batches,
+    in the same order, from one iterator per training call)."""
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
@@ -135,7 +161,7 @@ def synthetic_dataset(spec, steps, seed=0):
     shape = (n,) if spec["task"] == "classification" else (n, h, w)
     y = rng.integers(0, spec["num_classes"], size=shape).astype("int32")
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(spec["batch_size"], drop_remainder=True)
-    return ds.cache().prefetch(tf.data.AUTOTUNE)
+    return ds.cache().repeat().prefetch(tf.data.AUTOTUNE)
 
 
 def _build(spec):
@@ -172,26 +198,125 @@ def _moved(model, initial):
     )
 
 
-def measure(spec, strategy, *, steps, repeats, warmup=1, seed=0, log=None):
-    """Steps/s of `Trainer.fit` and `model.fit` on the same model, data and optimizer.
+class EpochClock:
+    """Epoch-end timestamps of one training call, wall (`time.perf_counter`) and CPU
+    (`time.process_time`), taken inside the call.
+
+    `call_started()` just before the call, `on_epoch_end(epoch, logs)` from the training loop's
+    epoch-end hook (the Trainer's `callbacks=` entry, or `keras_callback()` for `model.fit`,
+    which also records `on_epoch_begin`), `call_ended()` right after the call returned. Then
+    `summary()` splits the call: the first epoch (call start -> its end), the steady-state
+    epochs (end of the previous epoch -> end of this one), what follows the last epoch's end.
+
+    Args:
+        clocks: the (wall, cpu) clocks to read, for tests.
+    """
+
+    def __init__(self, clocks=(time.perf_counter, time.process_time)):
+        self._clocks = tuple(clocks)
+        self.start = None
+        self.begins = []
+        self.ends = []
+        self.stop = None
+
+    def _now(self):
+        return tuple(clock() for clock in self._clocks)
+
+    def call_started(self):
+        self.start, self.begins, self.ends, self.stop = self._now(), [], [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        del epoch, logs
+        self.begins.append(self._now())
+
+    def on_epoch_end(self, epoch, logs=None):
+        del epoch, logs
+        self.ends.append(self._now())
+
+    def call_ended(self):
+        self.stop = self._now()
+
+    def keras_callback(self):
+        """A `keras.callbacks.Callback` recording into this clock. It only overrides the epoch
+        hooks: Keras then still dispatches its batch hooks asynchronously, as without it."""
+        import keras
+
+        clock = self
+
+        class _EpochClockCallback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                clock.on_epoch_begin(epoch, logs)
+
+            def on_epoch_end(self, epoch, logs=None):
+                clock.on_epoch_end(epoch, logs)
+
+        return _EpochClockCallback()
+
+    def summary(self):
+        """Seconds of the recorded call, each a (wall, cpu) pair:
+
+        - "first_epoch": call start -> end of epoch 1 (iterator creation, warm-up).
+        - "epochs": end of epoch k - 1 -> end of epoch k, for k = 2, 3, ... (steady state).
+        - "begin_to_end": `on_epoch_begin` -> `on_epoch_end` of the same epochs (Keras only;
+          empty when no begins were recorded).
+        - "after_last_epoch": end of the last epoch -> call return (teardown).
+        - "call": the whole call.
+        """
+        if self.start is None or self.stop is None or not self.ends:
+            raise RuntimeError("EpochClock.summary: no complete call with an epoch recorded")
+
+        def diff(a, b):
+            return tuple(y - x for x, y in zip(a, b, strict=True))
+
+        ends = self.ends
+        return {
+            "first_epoch": diff(self.start, ends[0]),
+            "epochs": [diff(a, b) for a, b in itertools.pairwise(ends)],
+            "begin_to_end": [diff(b, e) for b, e in zip(self.begins[1:], ends[1:], strict=True)]
+            if self.begins
+            else [],
+            "after_last_epoch": diff(ends[-1], self.stop),
+            "call": diff(self.start, self.stop),
+        }
+
+
+def measure(spec, strategy, *, steps, repeats, epochs_per_round=3, warmup=1, seed=0, log=None):
+    """Steady-state steps/s of `Trainer.fit` and `model.fit` on the same model, data and
+    optimizer (see the module docstring for what each number spans).
 
     Args:
         spec: a `MODELS` entry.
         strategy: the `tf.distribute` strategy both run under.
-        steps: steps per timed epoch.
-        repeats: timed epochs per path, interleaved (Trainer, fit, Trainer, fit, ...).
-        warmup: untimed epochs per path first (tracing).
+        steps: steps per epoch.
+        repeats: timed calls (rounds) per path, interleaved (Trainer, fit, Trainer, fit, ...).
+        epochs_per_round: epochs per timed call (>= 2); the first of each is not counted, so
+            each path gets `repeats x (epochs_per_round - 1)` timed epochs.
+        warmup: untimed one-epoch calls per path first (tracing).
         seed: weights and data seed.
         log: print-like callable for progress, or None.
 
     Returns:
-        A dict: steps/s, images/s and the epoch seconds of both paths, `ratio`, the optimizer
-        steps each took and how far their weights moved.
+        A dict: steps/s, images/s, CPU s/step and the steady-state epoch seconds of both paths,
+        `ratio`, the first-epoch, after-last-epoch and whole-call seconds of every round,
+        `call_ratio` (the ratio from whole-call times), the optimizer steps each took and how
+        far their weights moved.
+
+    Raises:
+        ValueError: `epochs_per_round` < 2, or `steps` / `repeats` not positive.
     """
     import keras
 
+    from dlmodels._validation import check_positive_int
     from dlmodels.training import Trainer
 
+    steps = check_positive_int("steps", steps, owner="bench.training.measure")
+    repeats = check_positive_int("repeats", repeats, owner="bench.training.measure")
+    not_int = isinstance(epochs_per_round, bool) or not isinstance(epochs_per_round, int)
+    if not_int or epochs_per_round < 2:
+        raise ValueError(
+            f"bench.training.measure: `epochs_per_round`={epochs_per_round!r} must be an int "
+            ">= 2 (the first epoch of every call is not counted). Pass e.g. epochs_per_round=3."
+        )
     keras.utils.set_random_seed(seed)
     ds = synthetic_dataset(spec, steps, seed)
     with strategy.scope():
@@ -203,58 +328,104 @@ def measure(spec, strategy, *, steps, repeats, warmup=1, seed=0, log=None):
     trainer = Trainer(
         ours, task=spec["task"], optimizer=optimizer, loss=loss, strategy=strategy, progress=False
     )
+    reported = []  # the Trainer's own history["seconds"] of the last call
 
-    def timed(fn):
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        return time.perf_counter() - wall, time.process_time() - cpu
+    def run_trainer(epochs, clock):
+        total = int(trainer.epoch.numpy()) + epochs  # Trainer.fit's `epochs` is a total
+        history = trainer.fit(ds, epochs=total, steps_per_epoch=steps, callbacks=[clock])
+        reported[:] = history["seconds"]
 
-    paths = {
-        "trainer": lambda: trainer.fit(ds, epochs=int(trainer.epoch.numpy()) + 1),
-        "fit": lambda: theirs.fit(ds, epochs=1, verbose=0, shuffle=False),
-    }
+    def run_fit(epochs, clock):
+        theirs.fit(
+            ds,
+            epochs=epochs,
+            steps_per_epoch=steps,
+            verbose=0,
+            shuffle=False,
+            callbacks=[clock.keras_callback()],
+        )
+
+    paths = {"trainer": run_trainer, "fit": run_fit}
     for _ in range(warmup):
         for fn in paths.values():
-            fn()
-    wall = {k: [] for k in paths}
-    cpu = {k: [] for k in paths}
+            fn(1, EpochClock())
+    keys = ("epoch", "first_epoch", "after_last_epoch", "call")
+    wall = {p: {k: [] for k in keys} for p in paths}
+    cpu = {p: {k: [] for k in keys} for p in paths}
+    trainer_reported, fit_begin_to_end = [], []
     for r in range(repeats):
         for name, fn in paths.items():
-            w, c = timed(fn)
-            wall[name].append(w)
-            cpu[name].append(c)
+            clock = EpochClock()
+            clock.call_started()
+            fn(epochs_per_round, clock)
+            clock.call_ended()
+            if len(clock.ends) != epochs_per_round:
+                raise RuntimeError(
+                    f"bench.training: {name} ran {len(clock.ends)} epochs, expected "
+                    f"{epochs_per_round}"
+                )
+            s = clock.summary()
+            wall[name]["epoch"] += [w for w, _ in s["epochs"]]
+            cpu[name]["epoch"] += [c for _, c in s["epochs"]]
+            for k in keys[1:]:
+                wall[name][k].append(s[k][0])
+                cpu[name][k].append(s[k][1])
+            if name == "trainer":
+                trainer_reported += reported[1:]
+            else:
+                fit_begin_to_end += [w for w, _ in s["begin_to_end"]]
         if log:
+            n = epochs_per_round - 1
             log(
-                f"  round {r + 1}/{repeats}: trainer {wall['trainer'][-1]:.2f} s "
-                f"(cpu {cpu['trainer'][-1]:.2f} s), fit {wall['fit'][-1]:.2f} s "
-                f"(cpu {cpu['fit'][-1]:.2f} s)"
+                f"  round {r + 1}/{repeats}: "
+                + ", ".join(
+                    f"{p} {statistics.median(wall[p]['epoch'][-n:]):.3f} s/epoch "
+                    f"(cpu {statistics.median(cpu[p]['epoch'][-n:]):.3f} s; first epoch "
+                    f"{wall[p]['first_epoch'][-1]:.2f} s, call {wall[p]['call'][-1]:.2f} s, "
+                    f"after last epoch {wall[p]['after_last_epoch'][-1]:.2f} s)"
+                    for p in paths
+                )
             )
-    trainer_rate = steps / statistics.median(wall["trainer"])
-    fit_rate = steps / statistics.median(wall["fit"])
-    trainer_cpu = statistics.median(cpu["trainer"]) / steps
-    fit_cpu = statistics.median(cpu["fit"]) / steps
+    trainer_rate = steps / statistics.median(wall["trainer"]["epoch"])
+    fit_rate = steps / statistics.median(wall["fit"]["epoch"])
+    trainer_cpu = statistics.median(cpu["trainer"]["epoch"]) / steps
+    fit_cpu = statistics.median(cpu["fit"]["epoch"]) / steps
     batch = spec["batch_size"]
-    return {
+    out = {
         "trainer_steps_per_s": trainer_rate,
         "fit_steps_per_s": fit_rate,
         "ratio": trainer_rate / fit_rate,
         "trainer_images_per_s": trainer_rate * batch,
         "fit_images_per_s": fit_rate * batch,
-        "ratio_best": min(wall["fit"]) / min(wall["trainer"]),
+        "ratio_best": min(wall["fit"]["epoch"]) / min(wall["trainer"]["epoch"]),
         "trainer_cpu_seconds_per_step": trainer_cpu,
         "fit_cpu_seconds_per_step": fit_cpu,
         "cpu_ratio": fit_cpu / trainer_cpu,
-        "trainer_epoch_seconds": wall["trainer"],
-        "fit_epoch_seconds": wall["fit"],
-        "trainer_epoch_cpu_seconds": cpu["trainer"],
-        "fit_epoch_cpu_seconds": cpu["fit"],
-        "trainer_optimizer_steps": int(optimizer.iterations.numpy()),
-        "fit_optimizer_steps": int(fit_optimizer.iterations.numpy()),
-        "expected_optimizer_steps": (warmup + repeats) * steps,
-        "trainer_weights_moved": _moved(ours, initial),
-        "fit_weights_moved": _moved(theirs, initial),
-        "trainer_sync_batch_norm": trainer.sync_batch_norm,
+        # The old per-call measure, for comparison: includes warm-up and teardown.
+        "call_ratio": statistics.median(wall["fit"]["call"])
+        / statistics.median(wall["trainer"]["call"]),
+        "epochs_per_round": epochs_per_round,
+        "timed_epochs_per_path": repeats * (epochs_per_round - 1),
     }
+    for p in paths:
+        out[f"{p}_epoch_seconds"] = wall[p]["epoch"]
+        out[f"{p}_epoch_cpu_seconds"] = cpu[p]["epoch"]
+        for k in keys[1:]:
+            out[f"{p}_{k}_seconds"] = wall[p][k]
+            out[f"{p}_{k}_cpu_seconds"] = cpu[p][k]
+    out.update(
+        {
+            "trainer_reported_epoch_seconds": trainer_reported,
+            "fit_begin_to_end_epoch_seconds": fit_begin_to_end,
+            "trainer_optimizer_steps": int(optimizer.iterations.numpy()),
+            "fit_optimizer_steps": int(fit_optimizer.iterations.numpy()),
+            "expected_optimizer_steps": (warmup + repeats * epochs_per_round) * steps,
+            "trainer_weights_moved": _moved(ours, initial),
+            "fit_weights_moved": _moved(theirs, initial),
+            "trainer_sync_batch_norm": trainer.sync_batch_norm,
+        }
+    )
+    return out
 
 
 def _strategy(name):
@@ -276,6 +447,7 @@ def run(
     strategies=STRATEGIES,
     steps=10,
     repeats=5,
+    epochs_per_round=3,
     warmup=1,
     quick=False,
     output=DEFAULT_OUT,
@@ -288,7 +460,7 @@ def run(
         models: names from `MODELS` (or `QUICK_MODELS` with `quick`), or spec dicts by name;
             None: all of them.
         strategies: from `STRATEGIES`.
-        steps, repeats, warmup, seed: see `measure`.
+        steps, repeats, epochs_per_round, warmup, seed: see `measure`.
         quick: the tiny models of `QUICK_MODELS`.
         output: JSON path (None: do not write).
         verbose: print progress.
@@ -331,22 +503,36 @@ def run(
                 log(f"{name} / {strategy_name} ({row['replicas']} replica(s))")
             row.update(
                 measure(
-                    spec, strategy, steps=steps, repeats=repeats, warmup=warmup, seed=seed, log=log
+                    spec,
+                    strategy,
+                    steps=steps,
+                    repeats=repeats,
+                    epochs_per_round=epochs_per_round,
+                    warmup=warmup,
+                    seed=seed,
+                    log=log,
                 )
             )
             if log:
                 log(
                     f"  trainer {row['trainer_steps_per_s']:.3f} steps/s, fit "
                     f"{row['fit_steps_per_s']:.3f} steps/s, ratio {row['ratio']:.3f} "
-                    f"(cpu ratio {row['cpu_ratio']:.3f})"
+                    f"(cpu ratio {row['cpu_ratio']:.3f}; whole calls {row['call_ratio']:.3f})"
                 )
             rows.append(row)
     gpu_rates = [r["trainer_images_per_s"] for r in rows if gpus and "ratio" in r]
     payload = {
         "benchmark": "training throughput: dlmodels Trainer vs keras model.fit, same model, "
-        "data, optimizer, loss, metrics and batch; interleaved epochs, median",
+        "data, optimizer, loss, metrics and batch; interleaved calls of epochs_per_round "
+        "epochs each, timed inside the call from epoch end to epoch end, the first epoch of "
+        "every call left out; median",
         "command": "python -m dlmodels.bench.training" + (" --quick" if quick else ""),
-        "settings": {"steps_per_epoch": steps, "repeats": repeats, "warmup_epochs": warmup},
+        "settings": {
+            "steps_per_epoch": steps,
+            "repeats": repeats,
+            "epochs_per_round": epochs_per_round,
+            "warmup_epochs": warmup,
+        },
         "results": rows,
         "gpu": {
             "available": bool(gpus),
@@ -372,8 +558,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke test)")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch")
-    parser.add_argument("--repeats", type=int, default=None, help="timed epochs per path")
+    parser.add_argument("--steps", type=int, default=None, help="steps per epoch")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per path")
+    parser.add_argument(
+        "--epochs-per-round",
+        type=int,
+        default=3,
+        help="epochs per timed call (>= 2; the first of each call is not counted)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     split_cpu(2)
@@ -382,6 +574,7 @@ def main(argv=None):
         strategies=tuple(args.strategies),
         steps=args.steps or (4 if args.quick else 10),
         repeats=args.repeats or (2 if args.quick else 5),
+        epochs_per_round=args.epochs_per_round,
         quick=args.quick,
         output=args.out,
         seed=args.seed,

@@ -39,9 +39,13 @@ def test_every_row_present_and_consistent(tmp_path):
     from dlmodels.export import openvino as ovx
 
     bf16 = ovx.supports_bf16()
-    # macs_per_image is dlmodels.bench.flops.count_macs (checked by hand in test_flops.py).
+    # macs_per_image is dlmodels.bench.flops.count_macs (checked by hand in test_flops.py);
+    # effective_macs_per_image its count without the taps on padding: fewer here, as every
+    # 3x3 SAME conv of the U-Net has border taps reading padding.
     assert payload["macs_per_image"] > 0
-    macs = payload["macs_per_image"]
+    macs, effective = payload["macs_per_image"], payload["effective_macs_per_image"]
+    assert 0.5 * macs < effective < macs
+    assert "effective_gops" in payload["gops_definition"]
     for (key, batch), r in rows.items():
         if key == "openvino_bf16" and not bf16:
             assert "skipped" in r
@@ -49,6 +53,10 @@ def test_every_row_present_and_consistent(tmp_path):
         assert 0 < r["p50_ms"] <= r["p90_ms"] and r["iters"] == 2
         assert r["gops"] == pytest.approx(2 * macs * batch / (r["p50_ms"] * 1e6))
         assert r["fraction_of_peak"] == pytest.approx(r["gops"] / r["peak_gops"])
+        assert r["effective_gops"] == pytest.approx(2 * effective * batch / (r["p50_ms"] * 1e6))
+        assert r["fraction_of_peak_effective"] == pytest.approx(
+            r["effective_gops"] / r["peak_gops"]
+        )
         assert r["peak_gops"] == payload["peaks"][r["peak"]]["gops"]
         assert r["images_per_s"] == pytest.approx(batch * 1e3 / r["p50_ms"])
         base = rows[("ort_fp32", batch)]["p50_ms"]

@@ -1,5 +1,6 @@
-"""The training throughput benchmark in a tiny config: measured numbers that agree with each
-other, and proof that both timed paths (Trainer, model.fit) trained the same number of steps."""
+"""The training throughput benchmark in a tiny config: steady-state epochs timed inside each
+call (the first epoch of every call left out), numbers that agree with each other, and proof
+that both timed paths (Trainer, model.fit) trained the same number of steps."""
 
 import json
 import statistics
@@ -8,7 +9,7 @@ import pytest
 
 from dlmodels.bench import training
 
-STEPS, REPEATS = 2, 2
+STEPS, REPEATS, EPOCHS_PER_ROUND = 2, 2, 3  # EPOCHS_PER_ROUND: main's default
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +20,81 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def test_epoch_clock_splits_a_call_by_hand():
+    """Fake clocks (wall, cpu) read in order: call start, begin/end of 3 epochs, call end."""
+    wall = iter([10.0, 10.5, 12.0, 12.25, 13.0, 13.5, 16.0, 19.0])
+    cpu = iter([1.0, 1.25, 2.0, 2.25, 3.5, 3.75, 4.0, 4.25])
+    clock = training.EpochClock(clocks=(wall.__next__, cpu.__next__))
+    clock.call_started()
+    for epoch in range(3):
+        clock.on_epoch_begin(epoch)
+        clock.on_epoch_end(epoch, {"loss": 1.0})
+    clock.call_ended()
+    s = clock.summary()
+    assert s["first_epoch"] == (2.0, 1.0)  # call start -> end of epoch 1
+    assert s["epochs"] == [(1.0, 1.5), (3.0, 0.5)]  # end of epoch k-1 -> end of epoch k
+    assert s["begin_to_end"] == [(0.75, 1.25), (2.5, 0.25)]  # Keras' begin -> end, epochs 2, 3
+    assert s["after_last_epoch"] == (3.0, 0.25)
+    assert s["call"] == (9.0, 3.25)
+    # A Trainer records no begins: no begin_to_end, the rest the same.
+    wall = iter([0.0, 1.0, 3.0, 4.0])
+    clock = training.EpochClock(clocks=(wall.__next__,))
+    clock.call_started()
+    clock.on_epoch_end(0)
+    clock.on_epoch_end(1)
+    clock.call_ended()
+    s = clock.summary()
+    assert (s["first_epoch"], s["epochs"], s["begin_to_end"]) == ((1.0,), [(2.0,)], [])
+    with pytest.raises(RuntimeError, match="no complete call"):
+        training.EpochClock().summary()
+
+
 def test_json_holds_consistent_measured_numbers(results):
     rows = results["results"]
     assert [(r["model"], r["strategy"], r["replicas"]) for r in rows] == [
         ("unet_tiny", "one_device", 1),
         ("unet_tiny", "mirrored", 2),
     ]
+    steady = EPOCHS_PER_ROUND - 1
     for row in rows:
-        assert len(row["trainer_epoch_seconds"]) == len(row["fit_epoch_seconds"]) == REPEATS
-        # steps/s are recomputed here from the recorded epoch times (median), and the ratios
-        # from those rates.
+        assert row["epochs_per_round"] == EPOCHS_PER_ROUND
+        assert row["timed_epochs_per_path"] == REPEATS * steady
         for path in ("trainer", "fit"):
+            # Every call ran EPOCHS_PER_ROUND epochs; its first one is recorded apart, the
+            # other ones are the timed epochs.
+            assert len(row[f"{path}_epoch_seconds"]) == REPEATS * steady
+            assert len(row[f"{path}_epoch_cpu_seconds"]) == REPEATS * steady
+            for key in ("first_epoch", "after_last_epoch", "call"):
+                assert len(row[f"{path}_{key}_seconds"]) == REPEATS
+                assert len(row[f"{path}_{key}_cpu_seconds"]) == REPEATS
+            # The spans partition each call: first epoch + timed epochs + after the last
+            # epoch = the whole call (wall and CPU), so no timed epoch holds the first one.
+            for unit in ("", "_cpu"):
+                epochs = row[f"{path}_epoch{unit}_seconds"]
+                for r in range(REPEATS):
+                    parts = (
+                        row[f"{path}_first_epoch{unit}_seconds"][r]
+                        + sum(epochs[r * steady : (r + 1) * steady])
+                        + row[f"{path}_after_last_epoch{unit}_seconds"][r]
+                    )
+                    assert parts == pytest.approx(row[f"{path}_call{unit}_seconds"][r], abs=1e-9)
+                    assert min(epochs) > 0
+            # steps/s are recomputed here from the recorded epoch times (median), and the
+            # ratios from those rates.
             rate = STEPS / statistics.median(row[f"{path}_epoch_seconds"])
-            assert rate > 0
             assert row[f"{path}_steps_per_s"] == pytest.approx(rate, rel=1e-12)
             assert row[f"{path}_images_per_s"] == pytest.approx(rate * 8, rel=1e-12)
             cpu = statistics.median(row[f"{path}_epoch_cpu_seconds"]) / STEPS
-            assert cpu > 0
             assert row[f"{path}_cpu_seconds_per_step"] == pytest.approx(cpu, rel=1e-12)
+        # The libraries' own narrower spans lie inside ours, epoch by epoch: Keras'
+        # on_epoch_begin -> on_epoch_end, the Trainer's history["seconds"].
+        for narrow, path in (
+            ("fit_begin_to_end_epoch_seconds", "fit"),
+            ("trainer_reported_epoch_seconds", "trainer"),
+        ):
+            assert len(row[narrow]) == REPEATS * steady
+            for inner, outer in zip(row[narrow], row[f"{path}_epoch_seconds"], strict=True):
+                assert 0 < inner <= outer
         assert row["ratio"] == pytest.approx(
             row["trainer_steps_per_s"] / row["fit_steps_per_s"], rel=1e-12
         )
@@ -46,13 +104,26 @@ def test_json_holds_consistent_measured_numbers(results):
         assert row["cpu_ratio"] == pytest.approx(
             row["fit_cpu_seconds_per_step"] / row["trainer_cpu_seconds_per_step"], rel=1e-12
         )
-        # Both paths trained, and the same number of optimizer steps: warm-up + timed epochs.
-        assert row["trainer_optimizer_steps"] == row["fit_optimizer_steps"] == 3 * STEPS
+        assert row["call_ratio"] == pytest.approx(
+            statistics.median(row["fit_call_seconds"])
+            / statistics.median(row["trainer_call_seconds"]),
+            rel=1e-12,
+        )
+        # Both paths trained, and the same number of optimizer steps: one warm-up epoch, then
+        # REPEATS calls of EPOCHS_PER_ROUND epochs of STEPS steps.
+        expected = (1 + REPEATS * EPOCHS_PER_ROUND) * STEPS
+        assert row["expected_optimizer_steps"] == expected == 14
+        assert row["trainer_optimizer_steps"] == row["fit_optimizer_steps"] == expected
         assert row["trainer_weights_moved"] > 1e-4 and row["fit_weights_moved"] > 1e-4
     assert rows[1]["trainer_sync_batch_norm"] and not rows[0]["trainer_sync_batch_norm"]
     machine = results["machine"]
     assert machine["cpu"] and machine["tensorflow"] and machine["keras"]
-    assert results["settings"] == {"steps_per_epoch": STEPS, "repeats": REPEATS, "warmup_epochs": 1}
+    assert results["settings"] == {
+        "steps_per_epoch": STEPS,
+        "repeats": REPEATS,
+        "epochs_per_round": EPOCHS_PER_ROUND,
+        "warmup_epochs": 1,
+    }
     gpu = results["gpu"]
     if not gpu["available"]:
         assert gpu["images_per_s"] is None and "no GPU" in gpu["reason"]
@@ -61,3 +132,12 @@ def test_json_holds_consistent_measured_numbers(results):
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match=r"\['nope'\] unknown; choose from \['unet_tiny'\]"):
         training.run(["nope"], quick=True, output=None)
+
+
+def test_a_round_needs_a_steady_epoch():
+    import tensorflow as tf
+
+    spec = training.QUICK_MODELS["unet_tiny"]
+    strategy = tf.distribute.get_strategy()
+    with pytest.raises(ValueError, match=r"`epochs_per_round`=1 must be an int >= 2"):
+        training.measure(spec, strategy, steps=2, repeats=1, epochs_per_round=1)
