@@ -280,7 +280,18 @@ class EpochClock:
         }
 
 
-def measure(spec, strategy, *, steps, repeats, epochs_per_round=3, warmup=1, seed=0, log=None):
+def measure(
+    spec,
+    strategy,
+    *,
+    steps,
+    repeats,
+    epochs_per_round=3,
+    warmup=1,
+    seed=0,
+    log=None,
+    sync_batch_norm="auto",
+):
     """Steady-state steps/s of `Trainer.fit` and `model.fit` on the same model, data and
     optimizer (see the module docstring for what each number spans).
 
@@ -294,6 +305,8 @@ def measure(spec, strategy, *, steps, repeats, epochs_per_round=3, warmup=1, see
         warmup: untimed one-epoch calls per path first (tracing).
         seed: weights and data seed.
         log: print-like callable for progress, or None.
+        sync_batch_norm: the Trainer's `sync_batch_norm` ("auto": its default, on with more
+            than one replica; False: per-replica batch moments, the work `model.fit` does).
 
     Returns:
         A dict: steps/s, images/s, CPU s/step and the steady-state epoch seconds of both paths,
@@ -326,7 +339,13 @@ def measure(spec, strategy, *, steps, repeats, epochs_per_round=3, warmup=1, see
         theirs.set_weights(initial)
         theirs.compile(optimizer=fit_optimizer, loss=fit_loss, metrics=_fit_metrics(spec))
     trainer = Trainer(
-        ours, task=spec["task"], optimizer=optimizer, loss=loss, strategy=strategy, progress=False
+        ours,
+        task=spec["task"],
+        optimizer=optimizer,
+        loss=loss,
+        strategy=strategy,
+        progress=False,
+        sync_batch_norm=sync_batch_norm,
     )
     reported = []  # the Trainer's own history["seconds"] of the last call
 
@@ -453,6 +472,7 @@ def run(
     output=DEFAULT_OUT,
     seed=0,
     verbose=True,
+    sync_batch_norm="both",
 ):
     """Measure every model under every strategy; write and return the JSON payload.
 
@@ -462,7 +482,9 @@ def run(
         strategies: from `STRATEGIES`.
         steps, repeats, epochs_per_round, warmup, seed: see `measure`.
         quick: the tiny models of `QUICK_MODELS`.
-        output: JSON path (None: do not write).
+        sync_batch_norm: with several replicas, the Trainer with synchronised BatchNorm (its
+            default, "on"), with per-replica moments like `model.fit` ("off"), or one row each
+            ("both").
         verbose: print progress.
     """
     import tensorflow as tf
@@ -477,6 +499,10 @@ def run(
                 f"bench.training: `models`={unknown!r} unknown; choose from {sorted(table)}."
             )
         table = {m: table[m] for m in models}
+    if sync_batch_norm not in ("on", "off", "both"):
+        raise ValueError(
+            f"bench.training: `sync_batch_norm`={sync_batch_norm!r}; choose on, off or both."
+        )
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"bench.training: `strategies`={bad!r}; choose from {STRATEGIES}.")
@@ -499,27 +525,39 @@ def run(
             if strategy is None:
                 rows.append({**row, "skipped": why_not})
                 continue
-            if log:
-                log(f"{name} / {strategy_name} ({row['replicas']} replica(s))")
-            row.update(
-                measure(
-                    spec,
-                    strategy,
-                    steps=steps,
-                    repeats=repeats,
-                    epochs_per_round=epochs_per_round,
-                    warmup=warmup,
-                    seed=seed,
-                    log=log,
+            variants = ["auto"]
+            if row["replicas"] > 1:
+                variants = {"on": ["auto"], "off": [False], "both": ["auto", False]}[
+                    sync_batch_norm
+                ]
+            for variant in variants:
+                if log:
+                    log(
+                        f"{name} / {strategy_name} ({row['replicas']} replica(s)"
+                        + (", Trainer without SyncBN)" if variant is False else ")")
+                    )
+                result = dict(row)
+                result.update(
+                    measure(
+                        spec,
+                        strategy,
+                        steps=steps,
+                        repeats=repeats,
+                        epochs_per_round=epochs_per_round,
+                        warmup=warmup,
+                        seed=seed,
+                        log=log,
+                        sync_batch_norm=variant,
+                    )
                 )
-            )
-            if log:
-                log(
-                    f"  trainer {row['trainer_steps_per_s']:.3f} steps/s, fit "
-                    f"{row['fit_steps_per_s']:.3f} steps/s, ratio {row['ratio']:.3f} "
-                    f"(cpu ratio {row['cpu_ratio']:.3f}; whole calls {row['call_ratio']:.3f})"
-                )
-            rows.append(row)
+                if log:
+                    log(
+                        f"  trainer {result['trainer_steps_per_s']:.3f} steps/s, fit "
+                        f"{result['fit_steps_per_s']:.3f} steps/s, ratio {result['ratio']:.3f} "
+                        f"(cpu ratio {result['cpu_ratio']:.3f}; whole calls "
+                        f"{result['call_ratio']:.3f})"
+                    )
+                rows.append(result)
     gpu_rates = [r["trainer_images_per_s"] for r in rows if gpus and "ratio" in r]
     payload = {
         "benchmark": "training throughput: dlmodels Trainer vs keras model.fit, same model, "
@@ -532,6 +570,7 @@ def run(
             "repeats": repeats,
             "epochs_per_round": epochs_per_round,
             "warmup_epochs": warmup,
+            "sync_batch_norm": sync_batch_norm,
         },
         "results": rows,
         "gpu": {
@@ -567,6 +606,13 @@ def main(argv=None):
         help="epochs per timed call (>= 2; the first of each call is not counted)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sync-batch-norm",
+        choices=("on", "off", "both"),
+        default="both",
+        help="with several replicas: the Trainer with synchronised BatchNorm (its default), "
+        "without (per-replica moments, as model.fit), or a row each",
+    )
     args = parser.parse_args(argv)
     split_cpu(2)
     run(
@@ -578,6 +624,7 @@ def main(argv=None):
         quick=args.quick,
         output=args.out,
         seed=args.seed,
+        sync_batch_norm=args.sync_batch_norm,
     )
 
 

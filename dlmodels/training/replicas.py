@@ -6,8 +6,11 @@ copy and only replica 0's copy is saved or exported:
 - `BatchNormalization` moving mean and variance: each replica normalises with its own batch
   moments and averages its own statistics, so replicas drift apart and evaluation depends on
   the replica. `synchronized_batch_norm` makes every BN layer all-reduce the batch moments
-  (Keras' `synchronized=True`) while the Trainer's steps are traced, so the moments are those of
-  the global batch (as on one device) and the moving statistics are identical everywhere.
+  while the Trainer's steps are traced, so the moments are those of the global batch (as on one
+  device) and the moving statistics are identical everywhere. It uses `synced_moments`: the
+  per-channel sum and sum of squares and the element count packed into ONE all-reduce per layer
+  (so one in the backward pass too), where Keras' `synchronized=True` issues three and sums a
+  tensor of ones as large as the activations to count them.
 - `keras.random.SeedGenerator` states: every replica draws the same dropout / stochastic depth
   masks. `fold_seeds_per_replica` adds the replica id to each state's key on each replica once,
   so the replicas draw independent masks (with one replica nothing changes).
@@ -40,13 +43,73 @@ def batch_norm_layers(models):
     ]
 
 
+def synced_moments(x, axes):
+    """Mean and variance of `x` over `axes` across all replicas of the current replica context,
+    with one all-reduce: [sum, sum of squares, count] packed together. Computed in float32
+    (16-bit inputs are cast up, and the results clipped and cast back, as Keras' `ops.moments`
+    does); variance = E[x^2] - E[x]^2 clipped at 0, the formula of Keras' synchronized moments.
+    Outside a replica context (or with one replica) it is `tf.nn.moments`.
+
+    Args:
+        x: a tensor.
+        axes: the axes reduced (the others are kept, e.g. the channels).
+
+    Returns:
+        (mean, variance), with the reduced axes dropped.
+    """
+    axes = [a % x.shape.rank for a in axes]
+    dtype = x.dtype
+    if dtype in (tf.float16, tf.bfloat16):
+        x = tf.cast(x, tf.float32)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        mean, variance = tf.nn.moments(x, axes)
+    else:
+        kept = [a for a in range(x.shape.rank) if a not in axes]
+        local_sum = tf.reduce_sum(x, axis=axes)
+        local_squares = tf.reduce_sum(tf.square(x), axis=axes)
+        shape = tf.shape(x)
+        count = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), x.dtype)
+        channels = tf.shape(local_sum)
+        packed = tf.concat(
+            [tf.reshape(local_sum, [-1]), tf.reshape(local_squares, [-1]), [count]], axis=0
+        )
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, packed)
+        n = tf.size(local_sum)
+        total_count = total[-1]
+        mean = tf.reshape(tf.math.divide_no_nan(total[:n], total_count), channels)
+        squares = tf.reshape(tf.math.divide_no_nan(total[n : 2 * n], total_count), channels)
+        variance = tf.maximum(squares - tf.square(mean), 0.0)
+        if len(kept) == 1 and x.shape[kept[0]] is not None:
+            mean = tf.ensure_shape(mean, [x.shape[kept[0]]])
+            variance = tf.ensure_shape(variance, [x.shape[kept[0]]])
+    if dtype in (tf.float16, tf.bfloat16):
+        mean = tf.cast(tf.clip_by_value(mean, tf.float16.min, tf.float16.max), dtype)
+        variance = tf.cast(tf.clip_by_value(variance, tf.float16.min, tf.float16.max), dtype)
+    return mean, variance
+
+
+def _synced_moments_method(layer):
+    """A `_moments(inputs, mask)` for one BatchNormalization layer: `synced_moments` without a
+    mask; with a mask, the layer's own (Keras, `synchronized=True`) computation."""
+    original = type(layer)._moments
+
+    def _moments(inputs, mask):
+        if mask is not None:
+            return original(layer, inputs, mask)
+        return synced_moments(inputs, layer._reduction_axes)
+
+    return _moments
+
+
 @contextlib.contextmanager
 def synchronized_batch_norm(models, enabled=True):
-    """Run every BatchNormalization in `models` with `synchronized=True` inside the block.
+    """Run every BatchNormalization in `models` with synchronized batch moments inside the block.
 
-    Keras reads the flag when a step is traced, so wrapping every call of a `tf.function` step
-    makes all its traces all-reduce the batch moments across replicas. The previous flags are
-    restored on exit, so saved configs (`get_config`) do not change.
+    Keras reads the layer when a step is traced, so wrapping every call of a `tf.function` step
+    makes all its traces all-reduce the batch moments across replicas (`synced_moments`, one
+    all-reduce per layer; masked inputs go through Keras' `synchronized=True`). The previous
+    state is restored on exit, so saved configs (`get_config`) do not change.
 
     Args:
         models: Keras models (or layers) to walk.
@@ -57,11 +120,16 @@ def synchronized_batch_norm(models, enabled=True):
     """
     layers = batch_norm_layers(models) if enabled else []
     previous = [layer.synchronized for layer in layers]
+    overridden = [layer for layer in layers if "_moments" not in vars(layer)]
     try:
         for layer in layers:
             layer.synchronized = True
+        for layer in overridden:
+            object.__setattr__(layer, "_moments", _synced_moments_method(layer))
         yield layers
     finally:
+        for layer in overridden:
+            object.__delattr__(layer, "_moments")
         for layer, flag in zip(layers, previous, strict=True):
             layer.synchronized = flag
 

@@ -54,6 +54,7 @@ def test_json_holds_consistent_measured_numbers(results):
     assert [(r["model"], r["strategy"], r["replicas"]) for r in rows] == [
         ("unet_tiny", "one_device", 1),
         ("unet_tiny", "mirrored", 2),
+        ("unet_tiny", "mirrored", 2),  # the Trainer without SyncBN: the work fit does
     ]
     steady = EPOCHS_PER_ROUND - 1
     for row in rows:
@@ -115,7 +116,7 @@ def test_json_holds_consistent_measured_numbers(results):
         assert row["expected_optimizer_steps"] == expected == 14
         assert row["trainer_optimizer_steps"] == row["fit_optimizer_steps"] == expected
         assert row["trainer_weights_moved"] > 1e-4 and row["fit_weights_moved"] > 1e-4
-    assert rows[1]["trainer_sync_batch_norm"] and not rows[0]["trainer_sync_batch_norm"]
+    assert [r["trainer_sync_batch_norm"] for r in rows] == [False, True, False]
     machine = results["machine"]
     assert machine["cpu"] and machine["tensorflow"] and machine["keras"]
     assert results["settings"] == {
@@ -123,6 +124,7 @@ def test_json_holds_consistent_measured_numbers(results):
         "repeats": REPEATS,
         "epochs_per_round": EPOCHS_PER_ROUND,
         "warmup_epochs": 1,
+        "sync_batch_norm": "both",
     }
     gpu = results["gpu"]
     if not gpu["available"]:
@@ -132,6 +134,11 @@ def test_json_holds_consistent_measured_numbers(results):
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match=r"\['nope'\] unknown; choose from \['unet_tiny'\]"):
         training.run(["nope"], quick=True, output=None)
+
+
+def test_sync_batch_norm_choice_is_checked():
+    with pytest.raises(ValueError, match="`sync_batch_norm`='maybe'; choose on, off or both"):
+        training.run(quick=True, output=None, sync_batch_norm="maybe")
 
 
 def test_a_round_needs_a_steady_epoch():
