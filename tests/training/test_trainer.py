@@ -303,3 +303,53 @@ def test_one_device_strategy():
     train = shapes.dataset("train", batch_size=4, image_size=SIZE, num_samples=8)
     history = Trainer(model, strategy=strategy, progress=False).fit(train, train, epochs=1)
     assert np.isfinite(history["loss"][0]) and 0 <= history["val_mean_iou"][0] <= 1
+
+
+def test_iterators_are_released_off_the_training_thread(monkeypatch):
+    """Deleting a tf.data iterator waits for its pipeline threads (seconds, sometimes): fit and
+    evaluate hand every iterator they made to `_release_in_background` as its only reference,
+    one per epoch for a finite dataset, one per call with steps_per_epoch, one per evaluation."""
+    import sys
+
+    from dlmodels.training import trainer as trainer_module
+
+    handed = []
+
+    def record(box):
+        (iterator,) = box
+        # Only `box`, this frame's local and getrefcount's argument hold it: nothing in fit.
+        handed.append((type(iterator).__name__, sys.getrefcount(iterator)))
+        box.clear()
+
+    monkeypatch.setattr(trainer_module, "_release_in_background", record)
+    train = shapes.dataset("train", batch_size=8, image_size=SIZE, num_samples=16)
+    trainer = Trainer(tiny_model(), optimizer=keras.optimizers.SGD(0.1), progress=False)
+    trainer.fit(train, val_ds=train, epochs=2)  # 2 epochs, each with an evaluation
+    assert len(handed) == 4 and all(refs == 3 for _, refs in handed), handed
+    handed.clear()
+    trainer.fit(train.repeat(), epochs=4, steps_per_epoch=2)  # one iterator across epochs
+    assert len(handed) == 1 and handed[0][1] == 3, handed
+    handed.clear()
+    trainer.evaluate(train, steps=1)  # stopping early releases it too
+    assert len(handed) == 1 and handed[0][1] == 3, handed
+
+
+def test_release_in_background_drops_the_iterator_on_another_thread():
+    import threading
+    import weakref
+
+    from dlmodels.training.trainer import _release_in_background
+
+    seen = []
+
+    class Probe:
+        def __del__(self):
+            seen.append(threading.current_thread().name)
+
+    box = [Probe()]
+    ref = weakref.ref(box[0])
+    _release_in_background(box)
+    for thread in threading.enumerate():
+        if thread.name == "dlmodels-release-iterator":
+            thread.join(10)
+    assert ref() is None and seen == ["dlmodels-release-iterator"]
