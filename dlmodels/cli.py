@@ -288,8 +288,9 @@ def train_cmd(
     precision: Annotated[
         str,
         typer.Option(
-            help="float32, mixed_float16, mixed_bfloat16, or auto: mixed_float16 on GPUs with "
-            "tensor cores, mixed_bfloat16 on TPUs and CPUs with AVX512-BF16 / AMX-BF16"
+            help="float32, mixed_float16, mixed_bfloat16, or auto (from the whole machine): "
+            "mixed_float16 on GPUs with tensor cores, mixed_bfloat16 on TPUs and CPUs with "
+            "AVX512-BF16 / AMX-BF16"
         ),
     ] = "float32",
     checkpoint_dir: Annotated[Path | None, typer.Option(help="resume from / save to")] = None,

@@ -243,12 +243,14 @@ def drive_lean(url, model, feeds, expected, *, concurrency, seconds, binary, max
     server's cores it leaves more of them to the server.
     """
     import asyncio
+    from urllib.parse import urlsplit
 
     import tritonclient.http as th
 
     from serving._common import NUMPY_TO_V2
 
-    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or 80
     inputs = []
     for name, x in feeds.items():
         inp = th.InferInput(name, list(x.shape), NUMPY_TO_V2[x.dtype.name])
@@ -257,7 +259,7 @@ def drive_lean(url, model, feeds, expected, *, concurrency, seconds, binary, max
     out = [th.InferRequestedOutput(n, binary_data=binary) for n in expected]
     body, json_size = th.InferenceServerClient.generate_request_body(inputs, outputs=out)
     head = (
-        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {parts.netloc}\r\n"
         f"Content-Length: {len(body)}\r\n"
     )
     if json_size is not None:

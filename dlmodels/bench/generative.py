@@ -602,7 +602,7 @@ def run_shapes(
             )
     section["total_seconds"] = round(time.perf_counter() - begin, 1)
     section["machine"] = machine_info()
-    section["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    section["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     output = Path(output)
     existing = json.loads(output.read_text()) if output.exists() else {"benchmark": "generative"}
     existing["shapes"] = section

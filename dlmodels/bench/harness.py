@@ -269,6 +269,6 @@ def write_results(path: str | os.PathLike, payload: Mapping) -> Path:
     """
     data = dict(payload)
     data.setdefault("machine", machine_info())
-    data.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    data.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", overwrite=True)
     return Path(path)

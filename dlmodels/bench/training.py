@@ -432,6 +432,13 @@ def measure(
         for k in keys[1:]:
             out[f"{p}_{k}_seconds"] = wall[p][k]
             out[f"{p}_{k}_cpu_seconds"] = cpu[p][k]
+    steps_taken = (int(optimizer.iterations.numpy()), int(fit_optimizer.iterations.numpy()))
+    expected = (warmup + repeats * epochs_per_round) * steps
+    if steps_taken != (expected, expected):
+        raise RuntimeError(
+            f"bench.training: the Trainer took {steps_taken[0]} optimizer steps and fit "
+            f"{steps_taken[1]}, {expected} expected: the two paths did not train alike"
+        )
     out.update(
         {
             "trainer_reported_epoch_seconds": trainer_reported,

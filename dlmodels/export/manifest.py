@@ -294,7 +294,7 @@ def build_manifest(path: Path, entries: list[ArtifactEntry], model=None) -> dict
     return _json_safe(
         {
             "manifest_version": MANIFEST_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "source_model": model_source(model),
             "tools": tool_versions(),
             "artifacts": artifacts,

@@ -7,10 +7,10 @@ copy and only replica 0's copy is saved or exported:
   moments and averages its own statistics, so replicas drift apart and evaluation depends on
   the replica. `synchronized_batch_norm` makes every BN layer all-reduce the batch moments
   while the Trainer's steps are traced, so the moments are those of the global batch (as on one
-  device) and the moving statistics are identical everywhere. It uses `synced_moments`: the
-  per-channel sum and sum of squares and the element count packed into ONE all-reduce per layer
-  (so one in the backward pass too), where Keras' `synchronized=True` issues three and sums a
-  tensor of ones as large as the activations to count them.
+  device) and the moving statistics are identical everywhere. It uses `synced_moments`: two
+  passes like `tf.nn.moments` (an all-reduce of [sum, count] for the mean, one of the squared
+  deviations for the variance), where Keras' `synchronized=True` issues three all-reduces, sums
+  a tensor of ones as large as the activations to count them and takes E[x^2] - E[x]^2.
 - `keras.random.SeedGenerator` states: every replica draws the same dropout / stochastic depth
   masks. `fold_seeds_per_replica` adds the replica id to each state's key on each replica once,
   so the replicas draw independent masks (with one replica nothing changes).
@@ -45,9 +45,12 @@ def batch_norm_layers(models):
 
 def synced_moments(x, axes):
     """Mean and variance of `x` over `axes` across all replicas of the current replica context,
-    with one all-reduce: [sum, sum of squares, count] packed together. Computed in float32
-    (16-bit inputs are cast up, and the results clipped and cast back, as Keras' `ops.moments`
-    does); variance = E[x^2] - E[x]^2 clipped at 0, the formula of Keras' synchronized moments.
+    computed in two passes like `tf.nn.moments` on one device: one all-reduce of [sum, count]
+    gives the global mean, a second one the sum of squared deviations from it. (Keras'
+    `synchronized=True` uses E[x^2] - E[x]^2, three all-reduces and a reduction over a tensor of
+    ones as large as the activations; in float32 that difference cancels to 0 when the mean is
+    large against the spread, e.g. 1000 + N(0, 0.01^2) gives variance 0.) 16-bit inputs are
+    computed in float32, and the results clipped and cast back, as Keras' `ops.moments` does.
     Outside a replica context (or with one replica) it is `tf.nn.moments`.
 
     Args:
@@ -65,24 +68,17 @@ def synced_moments(x, axes):
     if ctx is None or ctx.num_replicas_in_sync == 1:
         mean, variance = tf.nn.moments(x, axes)
     else:
-        kept = [a for a in range(x.shape.rank) if a not in axes]
-        local_sum = tf.reduce_sum(x, axis=axes)
-        local_squares = tf.reduce_sum(tf.square(x), axis=axes)
-        shape = tf.shape(x)
-        count = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), x.dtype)
-        channels = tf.shape(local_sum)
-        packed = tf.concat(
-            [tf.reshape(local_sum, [-1]), tf.reshape(local_squares, [-1]), [count]], axis=0
-        )
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, packed)
-        n = tf.size(local_sum)
+        reduce = tf.distribute.ReduceOp.SUM
+        local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
+        kept_shape = tf.shape(local_sum)
+        # int64 product: exact past 2**24 elements per replica.
+        count = tf.cast(tf.reduce_prod(tf.cast(tf.gather(tf.shape(x), axes), tf.int64)), x.dtype)
+        total = ctx.all_reduce(reduce, tf.concat([tf.reshape(local_sum, [-1]), [count]], 0))
         total_count = total[-1]
-        mean = tf.reshape(tf.math.divide_no_nan(total[:n], total_count), channels)
-        squares = tf.reshape(tf.math.divide_no_nan(total[n : 2 * n], total_count), channels)
-        variance = tf.maximum(squares - tf.square(mean), 0.0)
-        if len(kept) == 1 and x.shape[kept[0]] is not None:
-            mean = tf.ensure_shape(mean, [x.shape[kept[0]]])
-            variance = tf.ensure_shape(variance, [x.shape[kept[0]]])
+        mean = tf.reshape(tf.math.divide_no_nan(total[:-1], total_count), kept_shape)
+        squares = tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True)
+        variance = tf.math.divide_no_nan(ctx.all_reduce(reduce, squares), total_count)
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
     if dtype in (tf.float16, tf.bfloat16):
         mean = tf.cast(tf.clip_by_value(mean, tf.float16.min, tf.float16.max), dtype)
         variance = tf.cast(tf.clip_by_value(variance, tf.float16.min, tf.float16.max), dtype)
@@ -107,8 +103,9 @@ def synchronized_batch_norm(models, enabled=True):
     """Run every BatchNormalization in `models` with synchronized batch moments inside the block.
 
     Keras reads the layer when a step is traced, so wrapping every call of a `tf.function` step
-    makes all its traces all-reduce the batch moments across replicas (`synced_moments`, one
-    all-reduce per layer; masked inputs go through Keras' `synchronized=True`). The previous
+    makes all its traces all-reduce the batch moments across replicas (`synced_moments`, two
+    all-reduces per layer; masked inputs and subclasses with their own `_moments` go through
+    Keras' `synchronized=True`). The previous
     state is restored on exit, so saved configs (`get_config`) do not change.
 
     Args:
@@ -120,12 +117,18 @@ def synchronized_batch_norm(models, enabled=True):
     """
     layers = batch_norm_layers(models) if enabled else []
     previous = [layer.synchronized for layer in layers]
-    overridden = [layer for layer in layers if "_moments" not in vars(layer)]
+    overridden = []
     try:
         for layer in layers:
             layer.synchronized = True
-        for layer in overridden:
+        for layer in layers:
+            # Layers with their own moments (a subclass' `_moments`) keep Keras' synchronized
+            # version of them.
+            own = type(layer)._moments is not keras.layers.BatchNormalization._moments
+            if "_moments" in vars(layer) or own:
+                continue
             object.__setattr__(layer, "_moments", _synced_moments_method(layer))
+            overridden.append(layer)
         yield layers
     finally:
         for layer in overridden:

@@ -14,7 +14,6 @@ from dlmodels.training import (
     resolve_precision,
     resolve_strategy,
 )
-from dlmodels.training import precision as precision_module
 
 SIZE = 16
 
@@ -46,27 +45,54 @@ def test_auto_on_cpu_follows_the_bfloat16_flags():
     assert (plain.policy, plain.compute_dtype) == ("float32", "float32")
 
 
+def _fake_gpus(monkeypatch, capabilities, virtual=None):
+    """Visible GPUs with the given compute capabilities (no GPU here): TensorFlow's device
+    queries faked, the device matching of `resolve_precision` run for real."""
+    gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(12)]
+    gpus = gpus[: len(capabilities)]
+    details = dict(zip([g.name for g in gpus], capabilities, strict=True))
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: list(gpus))
+    monkeypatch.setattr(
+        tf.config, "get_logical_device_configuration", lambda gpu: (virtual or {}).get(gpu.name)
+    )
+    monkeypatch.setattr(
+        tf.config.experimental,
+        "get_device_details",
+        lambda gpu: {"compute_capability": details[gpu.name]} if details[gpu.name] else {},
+    )
+
+
+class _Strategy:
+    """A stand-in for a GPU strategy: only `extended.worker_devices` is read."""
+
+    def __init__(self, *indices):
+        names = [f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in indices]
+        self.extended = type("Extended", (), {"worker_devices": names})()
+
+
 def test_auto_on_gpus_needs_tensor_cores(monkeypatch):
-    """The GPU branch with the device query faked (no GPU here): float16 needs compute
-    capability >= 7.0 on every GPU; a CPU strategy ignores the machine's GPUs."""
-    calls = []
-
-    def fake(caps):
-        def query(devices):
-            calls.append(devices)
-            return caps
-
-        return query
-
-    monkeypatch.setattr(precision_module, "_gpu_compute_capabilities", fake([(8, 0), (8, 0)]))
-    got = resolve_precision("auto", flags=set())
-    assert got.policy == "mixed_float16" and "8.0, 8.0" in got.reason
-    monkeypatch.setattr(precision_module, "_gpu_compute_capabilities", fake([(8, 0), (6, 1)]))
-    assert resolve_precision("auto", flags=set()).policy == "float32"
-    calls.clear()
+    """float16 needs compute capability >= 7.0 on every GPU the strategy uses; GPU:1 is GPU 1,
+    not GPU 11; virtual GPUs map to their physical GPU; a CPU strategy ignores the GPUs."""
+    caps = [(8, 0)] + [(6, 1)] * 10 + [(8, 6)]
+    _fake_gpus(monkeypatch, caps)
+    got = resolve_precision("auto", flags=set())  # the whole machine: one old GPU among them
+    assert got.policy == "float32" and "(6, 1)" in got.reason
+    assert resolve_precision("auto", _Strategy(0, 11), flags=set()).policy == "mixed_float16"
+    assert resolve_precision("auto", _Strategy(1), flags=set()).policy == "float32"
+    got = resolve_precision("auto", _Strategy(11), flags=set())
+    assert got.policy == "mixed_float16" and got.reason.endswith("8.6 (tensor cores)")
+    # A GPU the strategy names but the machine lacks: float32, never the CPU's bf16 flags.
+    got = resolve_precision("auto", _Strategy(12), flags={"avx512_bf16"})
+    assert got.policy == "float32" and "not found" in got.reason
+    # Unknown capability: float32.
+    _fake_gpus(monkeypatch, [(8, 0), None])
+    assert resolve_precision("auto", _Strategy(1), flags=set()).policy == "float32"
+    # GPU 0 split into 2 virtual GPUs: logical GPU:2 is physical GPU 1.
+    _fake_gpus(monkeypatch, [(8, 0), (6, 0)], virtual={"/physical_device:GPU:0": [1, 2]})
+    assert resolve_precision("auto", _Strategy(0, 1), flags=set()).policy == "mixed_float16"
+    assert resolve_precision("auto", _Strategy(2), flags=set()).policy == "float32"
     cpu = resolve_strategy("one_device", devices=["/cpu:0"])
     assert resolve_precision("auto", cpu, flags=set()).policy == "float32"
-    assert calls == []  # never asked about GPUs for a CPU strategy
 
 
 def test_precision_scope_sets_and_restores_the_policy():

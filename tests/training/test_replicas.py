@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from dlmodels.training import Trainer, fold_seeds_per_replica, resolve_strategy
@@ -96,6 +97,7 @@ def test_sync_batch_norm_equals_one_device(tmp_path):
     )
     # The flag was only on while stepping.
     assert bn.synchronized is False and bn.get_config()["synchronized"] is False
+    assert "_moments" not in vars(bn)  # the per-instance override is gone too
 
 
 def test_without_sync_batch_norm_replicas_drift_apart():
@@ -211,3 +213,23 @@ def test_synced_moments_equal_keras_synchronized_moments_and_gradients():
     for mean, var in zip(ours[0], ours[1], strict=True):
         np.testing.assert_allclose(mean, everything.mean(0), atol=1e-5)
         np.testing.assert_allclose(var, everything.var(0), atol=1e-4)
+    # A large mean against a small spread: E[x^2] - E[x]^2 (Keras') cancels to 0 in float32;
+    # the two-pass moments keep the variance (as tf.nn.moments does on one device).
+    data = (1000.0 + 0.01 * rng.normal(size=(2, 3, 5, 4, 6))).astype("float32")
+    want = data.reshape(-1, 6).astype("float64").var(0)
+    ours = per_replica(lambda x: synced_moments(x, [0, 1, 2]), tf.float32)
+    theirs = per_replica(lambda x: keras_moments(x, [0, 1, 2], synchronized=True), tf.float32)
+    for var in ours[1]:
+        np.testing.assert_allclose(var, want, rtol=0.02)
+    assert np.abs(theirs[1][0] - want).max() > 0.5 * want.min()  # Keras' is far off here
+
+
+def test_synchronized_batch_norm_restores_the_layers_on_error():
+    from dlmodels.training import synchronized_batch_norm
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    bn = model.layers[0]
+    with pytest.raises(RuntimeError, match="inside"), synchronized_batch_norm([model]):
+        assert bn.synchronized and "_moments" in vars(bn)
+        raise RuntimeError("inside")
+    assert bn.synchronized is False and "_moments" not in vars(bn)
