@@ -187,3 +187,16 @@ def test_brute_force_reference_is_itself_right():
     """3x3, stride 1, pads 1 on a 3x3 input: corners see 4 taps, edges 6, the centre 9."""
     assert _brute_force((3, 3), 3, 1, 1, (1, 1, 1, 1)) == (4 * 4 + 4 * 6 + 9, 3, 3)
     assert np.isclose(_valid_taps_by_tf((3, 3), 3, 1, 1, "SAME")[0], 49)
+
+
+def test_zoo_deeplabv3plus_counts_quoted_in_the_readme():
+    """The README's segmentation table quotes these counts for the zoo's DeepLabV3+ (64x64,
+    ResNet-18, output stride 16, rates 1/2/3, 128-wide ASPP and decoder)."""
+    from dlmodels.bench.segmentation import ZOO
+    from dlmodels.models import registry
+
+    model = registry.get(
+        "deeplabv3plus", input_shape=(64, 64, 3), num_classes=4, **ZOO["deeplabv3plus"]
+    )
+    assert count_macs(model) == 370_016_256
+    assert count_macs(model, effective=True) == 231_029_504
