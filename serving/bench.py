@@ -174,12 +174,25 @@ def server_breakdown(before: dict, after: dict, model: str) -> dict:
     }
 
 
+def _triton_io(feeds, expected, binary):
+    """tritonclient's `InferInput`s for `feeds` and `InferRequestedOutput`s for the outputs
+    named in `expected`, with binary tensor data or JSON."""
+    import tritonclient.http as th
+
+    from serving._common import NUMPY_TO_V2
+
+    inputs = []
+    for name, x in feeds.items():
+        inp = th.InferInput(name, list(x.shape), NUMPY_TO_V2[x.dtype.name])
+        inp.set_data_from_numpy(x, binary_data=binary)
+        inputs.append(inp)
+    return inputs, [th.InferRequestedOutput(n, binary_data=binary) for n in expected]
+
+
 def drive(url, model, feeds, expected, *, concurrency, seconds, binary, max_requests, timeout):
     """tritonclient.http threads (one client each) sending `feeds` until the time or count
     runs out; every answer is compared with `expected` (output name -> array)."""
     import tritonclient.http as th
-
-    from serving._common import NUMPY_TO_V2
 
     host = url.split("://", 1)[1]
     lock = threading.Lock()
@@ -190,12 +203,7 @@ def drive(url, model, feeds, expected, *, concurrency, seconds, binary, max_requ
 
     def worker():
         client = th.InferenceServerClient(host, connection_timeout=timeout, network_timeout=timeout)
-        inputs = []
-        for name, x in feeds.items():
-            inp = th.InferInput(name, list(x.shape), NUMPY_TO_V2[x.dtype.name])
-            inp.set_data_from_numpy(x, binary_data=binary)
-            inputs.append(inp)
-        out = [th.InferRequestedOutput(n, binary_data=binary) for n in expected]
+        inputs, out = _triton_io(feeds, expected, binary)
         local = []
         try:
             while time.perf_counter() < stop:
@@ -247,16 +255,9 @@ def drive_lean(url, model, feeds, expected, *, concurrency, seconds, binary, max
 
     import tritonclient.http as th
 
-    from serving._common import NUMPY_TO_V2
-
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
-    inputs = []
-    for name, x in feeds.items():
-        inp = th.InferInput(name, list(x.shape), NUMPY_TO_V2[x.dtype.name])
-        inp.set_data_from_numpy(x, binary_data=binary)
-        inputs.append(inp)
-    out = [th.InferRequestedOutput(n, binary_data=binary) for n in expected]
+    inputs, out = _triton_io(feeds, expected, binary)
     body, json_size = th.InferenceServerClient.generate_request_body(inputs, outputs=out)
     head = (
         f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {parts.netloc}\r\n"
