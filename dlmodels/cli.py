@@ -134,13 +134,12 @@ def _quiet_tf():
 def _precision_scope(precision: str):
     """The `--precision` choice checked up front, said on stderr, and applied as Keras' global
     dtype policy while the model is built and trained."""
-    from dlmodels.training import PRECISIONS, precision_scope, resolve_precision
+    from dlmodels.training import precision_scope, resolve_precision
 
-    if precision not in PRECISIONS:
-        raise typer.BadParameter(
-            f"must be one of {', '.join(PRECISIONS)}, got {precision!r}", param_hint="--precision"
-        )
-    chosen = resolve_precision(precision)
+    try:
+        chosen = resolve_precision(precision)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--precision") from None
     if precision != "float32":
         typer.echo(f"precision: {chosen.policy} ({chosen.reason})", err=True)
     return precision_scope(chosen)

@@ -189,6 +189,15 @@ def _triton_io(feeds, expected, binary):
     return inputs, [th.InferRequestedOutput(n, binary_data=binary) for n in expected]
 
 
+def _check_outputs(result, expected) -> None:
+    """Raise unless every output of a tritonclient `InferResult` equals `expected` (output
+    name -> array, from raw onnxruntime) within 1e-4."""
+    for name, want in expected.items():
+        got = result.as_numpy(name)
+        if got is None or not np.allclose(got, want, atol=1e-4):
+            raise AssertionError(f"{name} differs from raw onnxruntime")
+
+
 def drive(url, model, feeds, expected, *, concurrency, seconds, binary, max_requests, timeout):
     """tritonclient.http threads (one client each) sending `feeds` until the time or count
     runs out; every answer is compared with `expected` (output name -> array)."""
@@ -213,11 +222,7 @@ def drive(url, model, feeds, expected, *, concurrency, seconds, binary, max_requ
                     count[0] += 1
                 t = time.perf_counter()
                 try:
-                    r = client.infer(model, inputs, outputs=out)
-                    for name, want in expected.items():
-                        got = r.as_numpy(name)
-                        if got is None or not np.allclose(got, want, atol=1e-4):
-                            raise AssertionError(f"{name} differs from raw onnxruntime")
+                    _check_outputs(client.infer(model, inputs, outputs=out), expected)
                 except Exception as err:  # counted, never raised: the run must finish
                     with lock:
                         failures.append(f"{type(err).__name__}: {err}"[:200])
@@ -282,10 +287,7 @@ def drive_lean(url, model, feeds, expected, *, concurrency, seconds, binary, max
         r = th.InferenceServerClient.parse_response_body(
             payload, header_length=int(hlen) if hlen is not None else None
         )
-        for name, want in expected.items():
-            got = r.as_numpy(name)
-            if got is None or not np.allclose(got, want, atol=1e-4):
-                raise AssertionError(f"{name} differs from raw onnxruntime")
+        _check_outputs(r, expected)
         if len(verified) < 64:
             verified.add(key)
 
@@ -299,7 +301,7 @@ def drive_lean(url, model, feeds, expected, *, concurrency, seconds, binary, max
                 try:
                     async with asyncio.timeout(timeout):
                         if writer is None:
-                            reader, writer = await asyncio.open_connection(host, int(port))
+                            reader, writer = await asyncio.open_connection(host, port)
                         writer.write(request)
                         raw = await reader.readuntil(b"\r\n\r\n")
                         lines = raw[:-4].split(b"\r\n")
@@ -616,6 +618,12 @@ def _free_port() -> int:
 def run(args) -> dict:
     from dlmodels.runtime import OnnxModel, default_threads
 
+    clients = [k.strip() for k in args.clients.split(",") if k.strip()]
+    unknown = [k for k in clients if k not in CLIENTS]
+    if unknown:  # before minutes of export and reference runs
+        raise SystemExit(f"--clients: unknown {unknown}; choose from {sorted(CLIENTS)}")
+    lean_encodings = {e.strip() for e in args.lean_encodings.split(",") if e.strip()}
+
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     placement = plan_placement(available, args.pin) if available else {"pinned": False}
     server_cpus = placement.get("server_cpus") if placement["pinned"] else None
@@ -697,11 +705,6 @@ def run(args) -> dict:
         expected[m] = model.run(inputs[m])
         print(f"raw {m}: {result['raw_onnxruntime'][m]}", file=sys.stderr)
     levels = [int(c) for c in args.concurrency.split(",")]
-    clients = [k.strip() for k in args.clients.split(",") if k.strip()]
-    unknown = [k for k in clients if k not in CLIENTS]
-    if unknown:
-        raise SystemExit(f"--clients: unknown {unknown}; choose from {sorted(CLIENTS)}")
-    lean_encodings = {e.strip() for e in args.lean_encodings.split(",") if e.strip()}
     for batching in args.batching.split(","):
         port = _free_port()
         extra = ["--max-batch-size", str(args.max_batch_size)]
@@ -713,10 +716,8 @@ def run(args) -> dict:
         try:
             for m in models:
                 for encoding in args.encodings.split(","):
-                    runs = [(c, k) for c in levels for k in clients]
-                    if encoding not in lean_encodings:
-                        runs = [(c, k) for c, k in runs if k != "lean"]
-                    for c, client in runs:
+                    used = [k for k in clients if k != "lean" or encoding in lean_encodings]
+                    for c, client in [(c, k) for c in levels for k in used]:
                         # The reference again, right before the cell: on a shared machine the
                         # load moves, and the ratio should compare like with like.
                         if server_cpus:

@@ -443,9 +443,9 @@ def measure(
         {
             "trainer_reported_epoch_seconds": trainer_reported,
             "fit_begin_to_end_epoch_seconds": fit_begin_to_end,
-            "trainer_optimizer_steps": int(optimizer.iterations.numpy()),
-            "fit_optimizer_steps": int(fit_optimizer.iterations.numpy()),
-            "expected_optimizer_steps": (warmup + repeats * epochs_per_round) * steps,
+            "trainer_optimizer_steps": steps_taken[0],
+            "fit_optimizer_steps": steps_taken[1],
+            "expected_optimizer_steps": expected,
             "trainer_weights_moved": _moved(ours, initial),
             "fit_weights_moved": _moved(theirs, initial),
             "trainer_sync_batch_norm": trainer.sync_batch_norm,
