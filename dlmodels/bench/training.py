@@ -38,7 +38,12 @@ Trainer needs less CPU). Both paths are checked to have trained: the same number
 steps (`expected_optimizer_steps` = (warm-up calls + rounds x E) x steps), weights moved. Under
 `MirroredStrategy` the model for `fit` is built and compiled inside `strategy.scope()`; the
 Trainer synchronises BatchNorm across replicas (its default, which `fit` does not do), so it
-does more work there.
+does more work there. Three pairings are measured under several replicas (`--sync-batch-norm`):
+"on" (the Trainer's default SyncBN against `fit` with per-replica BatchNorm: what a user gets
+from each by default), "off" (both per-replica: the same work) and "keras" (both synchronised:
+the Trainer's SyncBN against `fit` of the same model with Keras' own
+`BatchNormalization(synchronized=True)`, the same training maths, so the two copies' weights
+stay close: `weights_max_abs_diff`).
 
 Results go to `benchmarks/results/training.json` (`write_results`, with `machine_info()`).
 Numbers from a busy machine are noisy; rerun on a quiet one:
@@ -63,6 +68,15 @@ import numpy as np
 
 DEFAULT_OUT = Path("benchmarks/results/training.json")
 STRATEGIES = ("one_device", "mirrored")
+# --sync-batch-norm -> (Trainer's sync_batch_norm, fit's synchronized BatchNorm) per row.
+_ON, _OFF, _KERAS = ("auto", False), (False, False), ("auto", True)
+PAIRINGS = {
+    "on": [_ON],
+    "off": [_OFF],
+    "keras": [_KERAS],
+    "both": [_ON, _OFF],
+    "all": [_ON, _OFF, _KERAS],
+}
 
 # name -> what to build and train. "unet" is the demo's U-Net (dlmodels.demo.DEMO_CONFIG).
 MODELS = {
@@ -192,6 +206,23 @@ def _fit_metrics(spec):
     return [MeanIoU(c, name="mean_iou"), PixelAccuracy(c, name="pixel_accuracy")]
 
 
+def synchronize_batch_norm(model) -> int:
+    """Switch every Keras `BatchNormalization` of `model` to Keras' own cross-replica moments
+    (`synchronized=True`, read when the layer is called); returns how many were switched."""
+    from dlmodels.training.replicas import batch_norm_layers
+
+    layers = batch_norm_layers([model])
+    for layer in layers:
+        layer.synchronized = True
+    return len(layers)
+
+
+def _weights_diff(a, b):
+    return float(
+        max(np.abs(x - y).max() for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
+    )
+
+
 def _moved(model, initial):
     return float(
         max(np.abs(w - i).max() for w, i in zip(model.get_weights(), initial, strict=True))
@@ -291,6 +322,7 @@ def measure(
     seed=0,
     log=None,
     sync_batch_norm="auto",
+    fit_sync_batch_norm=False,
 ):
     """Steady-state steps/s of `Trainer.fit` and `model.fit` on the same model, data and
     optimizer (see the module docstring for what each number spans).
@@ -307,6 +339,8 @@ def measure(
         log: print-like callable for progress, or None.
         sync_batch_norm: the Trainer's `sync_batch_norm` ("auto": its default, on with more
             than one replica; False: per-replica batch moments, the work `model.fit` does).
+        fit_sync_batch_norm: give `fit`'s copy Keras' synchronised BatchNorm
+            (`synchronized=True` on every BatchNormalization), the same maths as the Trainer's.
 
     Returns:
         A dict: steps/s, images/s, CPU s/step and the steady-state epoch seconds of both paths,
@@ -337,6 +371,7 @@ def measure(
         theirs, fit_optimizer, fit_loss = _build(spec)
         initial = ours.get_weights()
         theirs.set_weights(initial)
+        synchronized = synchronize_batch_norm(theirs) if fit_sync_batch_norm else 0
         theirs.compile(optimizer=fit_optimizer, loss=fit_loss, metrics=_fit_metrics(spec))
     trainer = Trainer(
         ours,
@@ -449,6 +484,10 @@ def measure(
             "trainer_weights_moved": _moved(ours, initial),
             "fit_weights_moved": _moved(theirs, initial),
             "trainer_sync_batch_norm": trainer.sync_batch_norm,
+            "fit_sync_batch_norm": bool(fit_sync_batch_norm),
+            "fit_synchronized_layers": synchronized,
+            # Same start, data and optimizer: how far apart the two copies ended.
+            "weights_max_abs_diff": _weights_diff(ours, theirs),
         }
     )
     return out
@@ -479,7 +518,7 @@ def run(
     output=DEFAULT_OUT,
     seed=0,
     verbose=True,
-    sync_batch_norm="both",
+    sync_batch_norm="all",
 ):
     """Measure every model under every strategy; write and return the JSON payload.
 
@@ -489,9 +528,10 @@ def run(
         strategies: from `STRATEGIES`.
         steps, repeats, epochs_per_round, warmup, seed: see `measure`.
         quick: the tiny models of `QUICK_MODELS`.
-        sync_batch_norm: with several replicas, the Trainer with synchronised BatchNorm (its
-            default, "on"), with per-replica moments like `model.fit` ("off"), or one row each
-            ("both").
+        sync_batch_norm: with several replicas, which pairings get a row (`PAIRINGS`): the
+            Trainer with its default synchronised BatchNorm against plain `fit` ("on"), both
+            with per-replica moments ("off"), both synchronised, `fit` with Keras'
+            `synchronized=True` ("keras"); "both" = on and off, "all" = all three.
         verbose: print progress.
     """
     import tensorflow as tf
@@ -506,9 +546,10 @@ def run(
                 f"bench.training: `models`={unknown!r} unknown; choose from {sorted(table)}."
             )
         table = {m: table[m] for m in models}
-    if sync_batch_norm not in ("on", "off", "both"):
+    if sync_batch_norm not in PAIRINGS:
         raise ValueError(
-            f"bench.training: `sync_batch_norm`={sync_batch_norm!r}; choose on, off or both."
+            f"bench.training: `sync_batch_norm`={sync_batch_norm!r}; choose one of "
+            f"{', '.join(PAIRINGS)}."
         )
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
@@ -532,16 +573,16 @@ def run(
             if strategy is None:
                 rows.append({**row, "skipped": why_not})
                 continue
-            variants = ["auto"]
+            variants = [("auto", False)]
             if row["replicas"] > 1:
-                variants = {"on": ["auto"], "off": [False], "both": ["auto", False]}[
-                    sync_batch_norm
-                ]
-            for variant in variants:
+                variants = PAIRINGS[sync_batch_norm]
+            for variant, fit_sync in variants:
                 if log:
                     log(
                         f"{name} / {strategy_name} ({row['replicas']} replica(s)"
-                        + (", Trainer without SyncBN)" if variant is False else ")")
+                        + (", Trainer without SyncBN" if variant is False else "")
+                        + (", fit with Keras' synchronized BatchNorm" if fit_sync else "")
+                        + ")"
                     )
                 result = dict(row)
                 result.update(
@@ -555,6 +596,7 @@ def run(
                         seed=seed,
                         log=log,
                         sync_batch_norm=variant,
+                        fit_sync_batch_norm=fit_sync,
                     )
                 )
                 if log:
@@ -615,10 +657,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--sync-batch-norm",
-        choices=("on", "off", "both"),
-        default="both",
-        help="with several replicas: the Trainer with synchronised BatchNorm (its default), "
-        "without (per-replica moments, as model.fit), or a row each",
+        choices=tuple(PAIRINGS),
+        default="all",
+        help="with several replicas: the Trainer's default SyncBN vs plain fit (on), both "
+        "per-replica (off), both synchronised, fit with Keras' synchronized=True (keras); "
+        "both = on + off, all = on + off + keras",
     )
     args = parser.parse_args(argv)
     split_cpu(2)

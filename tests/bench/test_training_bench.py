@@ -55,6 +55,7 @@ def test_json_holds_consistent_measured_numbers(results):
         ("unet_tiny", "one_device", 1),
         ("unet_tiny", "mirrored", 2),
         ("unet_tiny", "mirrored", 2),  # the Trainer without SyncBN: the work fit does
+        ("unet_tiny", "mirrored", 2),  # both synchronised: fit with Keras' synchronized=True
     ]
     steady = EPOCHS_PER_ROUND - 1
     for row in rows:
@@ -116,7 +117,17 @@ def test_json_holds_consistent_measured_numbers(results):
         assert row["expected_optimizer_steps"] == expected == 14
         assert row["trainer_optimizer_steps"] == row["fit_optimizer_steps"] == expected
         assert row["trainer_weights_moved"] > 1e-4 and row["fit_weights_moved"] > 1e-4
-    assert [r["trainer_sync_batch_norm"] for r in rows] == [False, True, False]
+    assert [r["trainer_sync_batch_norm"] for r in rows] == [False, True, False, True]
+    assert [r["fit_sync_batch_norm"] for r in rows] == [False, False, False, True]
+    # The tiny U-Net's 10 BatchNorms, switched to Keras' cross-replica moments in the last row.
+    assert [r["fit_synchronized_layers"] for r in rows] == [0, 0, 0, 10]
+    # Same start, data and optimizer: the same maths trains the same weights. Per-replica
+    # moments on both sides run the same ops (bit-identical here); both synchronised differ
+    # only by rounding (two-pass vs E[x^2] - E[x]^2 moments, amplified by Adam's first steps);
+    # synchronised against per-replica moments is a different model update.
+    one, sync_vs_plain, plain, both_sync = (r["weights_max_abs_diff"] for r in rows)
+    assert one < 1e-6 and plain < 1e-6
+    assert both_sync < sync_vs_plain / 10
     machine = results["machine"]
     assert machine["cpu"] and machine["tensorflow"] and machine["keras"]
     assert results["settings"] == {
@@ -124,7 +135,7 @@ def test_json_holds_consistent_measured_numbers(results):
         "repeats": REPEATS,
         "epochs_per_round": EPOCHS_PER_ROUND,
         "warmup_epochs": 1,
-        "sync_batch_norm": "both",
+        "sync_batch_norm": "all",
     }
     gpu = results["gpu"]
     if not gpu["available"]:
@@ -137,7 +148,7 @@ def test_unknown_model_is_named():
 
 
 def test_sync_batch_norm_choice_is_checked():
-    with pytest.raises(ValueError, match="`sync_batch_norm`='maybe'; choose on, off or both"):
+    with pytest.raises(ValueError, match="`sync_batch_norm`='maybe'; choose one of on, off, keras"):
         training.run(quick=True, output=None, sync_batch_norm="maybe")
 
 
