@@ -3,7 +3,9 @@
 In one run for one model (random weights: latency does not depend on them): TensorFlow
 (`tf.function`), onnxruntime fp32 / static int8 (QDQ, `dlmodels.export.quantize`) / fp16
 (`dlmodels.export.fp16`), OpenVINO fp32 / bf16 (IR from the same ONNX file) / int8 (the same QDQ
-file), at batch 1 and 32, with fixed threads, warm-up, interleaved rounds, median and p90.
+file, and an IR quantized by NNCF on the same calibration set,
+`dlmodels.export.openvino.quantize_openvino`), at batch 1 and 32, with fixed threads, warm-up,
+interleaved rounds, median and p90.
 Each row reports achieved GOP/s (2 x MACs per image x batch / median latency; MACs from
 `dlmodels.bench.flops.count_macs`; `effective_gops` from its effective count, which leaves out
 convolution taps that read padding) against a peak measured in the same run: a large square
@@ -54,6 +56,7 @@ RUNTIMES = (
     ("openvino_fp32", "OpenVINO IR, INFERENCE_PRECISION_HINT f32", "fp32"),
     ("openvino_bf16", "OpenVINO IR, INFERENCE_PRECISION_HINT bf16", "bf16"),
     ("openvino_int8", "OpenVINO on the onnxruntime QDQ int8 file", "int8"),
+    ("openvino_int8_nncf", "OpenVINO int8 quantized by NNCF on the calibration set", "int8"),
 )
 """(key, description, precision) of every row, in table order."""
 
@@ -377,10 +380,30 @@ def _set_tf_threads(threads: int) -> str:
         )
 
 
+NNCF_SETTINGS = {"preset": "mixed", "fast_bias_correction": True}
+"""`quantize_openvino` settings of the openvino_int8_nncf row: NNCF's defaults. Timed against
+them (interleaved, shared 2-core machine): the "performance" preset was as fast on ResNet-50 and
+slower or as fast on the U-Net and DeepLabV3+; the full bias correction as fast on ResNet-50."""
+
+
+def _nncf_version() -> str | None:
+    """NNCF's version, None where it cannot be imported."""
+    try:
+        from importlib import metadata
+
+        import nncf  # noqa: F401
+
+        return metadata.version("nncf")
+    except Exception:
+        return None
+
+
 def _export_all(
     model, tmp: Path, calibration: np.ndarray, verbose: bool
 ) -> tuple[dict, dict, dict]:
-    """Every artifact of `model` in `tmp`: (paths, seconds per export, int8 settings)."""
+    """Every artifact of `model` in `tmp`: (paths, seconds per export, int8 settings).
+
+    The NNCF IR ("openvino_int8_nncf") is left out when NNCF is not installed."""
     from dlmodels import export
     from dlmodels.export import fp16
     from dlmodels.export import openvino as ovx
@@ -404,6 +427,19 @@ def _export_all(
     step("int8", int8)
     step("fp16", lambda: fp16.to_fp16(paths["onnx"], tmp / "model.fp16.onnx"))
     step("openvino_ir", lambda: ovx.to_openvino(paths["onnx"], tmp / "openvino").parent)
+    if _nncf_version() is not None:
+        step(
+            "openvino_int8_nncf",
+            lambda: (
+                ovx.quantize_openvino(
+                    paths["openvino_ir"],
+                    tmp / "openvino_int8_nncf",
+                    calibration,
+                    subset_size=len(calibration),
+                    **NNCF_SETTINGS,
+                ).parent
+            ),
+        )
     return paths, seconds, int8_settings
 
 
@@ -423,7 +459,32 @@ def _predictors(model, paths: Mapping[str, Path], threads: int) -> dict:
         preds["openvino_bf16"] = ovx.OpenVINOModel(
             paths["openvino_ir"], precision="bf16", threads=threads
         )
+    if "openvino_int8_nncf" in paths:
+        preds["openvino_int8_nncf"] = ovx.OpenVINOModel(
+            paths["openvino_int8_nncf"], precision="int8", threads=threads
+        )
     return preds
+
+
+_SKIPPED = {
+    "openvino_bf16": "CPU without bf16 support",
+    "openvino_int8_nncf": "nncf not installed (pip install 'dlmodels[openvino]')",
+}
+
+
+def _openvino_int8_info(predictors: Mapping) -> dict:
+    """Per OpenVINO int8 row: the runtime precision of every Convolution of the compiled model
+    (how many really run in u8/i8) and, for the NNCF IR, the settings NNCF recorded in the
+    file that ran (`dlmodels.export.openvino.nncf_settings`)."""
+    from dlmodels.export import openvino as ovx
+
+    out = {}
+    for key in ("openvino_int8", "openvino_int8_nncf"):
+        if key in predictors:
+            out[key] = {"convolutions": predictors[key].runtime_precisions().get("Convolution")}
+    if "openvino_int8_nncf" in out:
+        out["openvino_int8_nncf"]["nncf"] = ovx.nncf_settings(predictors["openvino_int8_nncf"].path)
+    return out
 
 
 def _parity(reference: np.ndarray, got: np.ndarray) -> dict:
@@ -468,7 +529,8 @@ def run(
         rounds: interleaved rounds (`dlmodels.bench.compare_predictors`).
         threads: intra-op threads of every runtime (None: the CPUs this process may use).
         model_kwargs: overrides of `MODELS[model_name]` (e.g. a small input for a smoke test).
-        calibration_samples: random images the int8 ranges are calibrated on (latency only).
+        calibration_samples: random images the int8 ranges are calibrated on (latency only; the
+            QDQ file and the NNCF IR on the same images).
         peak_size: n of the n x n x n MatMul peaks.
         peak_iters: timed MatMul calls per peak.
         seed: weights and inputs.
@@ -479,7 +541,9 @@ def run(
 
     Returns:
         The payload written: settings, MACs, peaks, load averages, the int8 file's quantization
-        settings with the share of ops quantized ("int8_quantization"), optional "profiles",
+        settings with the share of ops quantized ("int8_quantization"), the runtime precisions
+        of the OpenVINO int8 rows' convolutions and NNCF's settings ("openvino_int8"), optional
+        "profiles",
         and one row per (runtime, batch) with p50/p90/mean ms, images/s, GOP/s and fraction
         of the peak (nominal and effective MACs), speed-up over onnxruntime fp32 and TF, and
         parity against Keras on the timed batch.
@@ -533,6 +597,10 @@ def run(
             "fp16": paths["fp16"].stat().st_size,
             "openvino_ir": sum(p.stat().st_size for p in paths["openvino_ir"].iterdir()),
         }
+        if "openvino_int8_nncf" in paths:
+            sizes["openvino_int8_nncf"] = sum(
+                p.stat().st_size for p in paths["openvino_int8_nncf"].iterdir()
+            )
         artifact_of = {
             "tf": None,
             "ort_fp32": "onnx",
@@ -541,8 +609,10 @@ def run(
             "openvino_fp32": "openvino_ir",
             "openvino_bf16": "openvino_ir",
             "openvino_int8": "int8",
+            "openvino_int8_nncf": "openvino_int8_nncf",
         }
         predictors = _predictors(model, paths, threads)
+        openvino_int8 = _openvino_int8_info(predictors)
         for batch in track(list(batches), f"timing {model_name}"):
             x = rng.uniform(0, 1, (batch, *input_shape)).astype(np.float32)
             reference = np.asarray(model(x, training=False))
@@ -555,9 +625,7 @@ def run(
             base_tf = timings["tf"]["p50_ms"]
             for key, description, precision in RUNTIMES:
                 if key not in timings:
-                    rows.append(
-                        {"runtime": key, "batch": batch, "skipped": "CPU without bf16 support"}
-                    )
+                    rows.append({"runtime": key, "batch": batch, "skipped": _SKIPPED[key]})
                     continue
                 t = timings[key]
                 gops = 2.0 * macs * batch / (t["p50_ms"] * 1e6)
@@ -586,7 +654,7 @@ def run(
                 rows.append(row)
                 _log(
                     verbose,
-                    f"  {key:14s} b{batch:<3d} p50 {t['p50_ms']:8.2f} ms  p90 "
+                    f"  {key:18s} b{batch:<3d} p50 {t['p50_ms']:8.2f} ms  p90 "
                     f"{t['p90_ms']:8.2f}  {gops:6.0f} GOP/s  x{row['speedup_vs_ort_fp32']:.2f} "
                     f"vs ORT fp32  max|err| {row['max_abs_error_vs_keras']:.2e} (|keras| max "
                     f"{row['max_abs_keras']:.2e})",
@@ -658,11 +726,12 @@ def run(
         "peaks_after": peaks_after,
         "export_seconds": export_seconds,
         "int8_quantization": int8_settings,
+        "openvino_int8": openvino_int8,
         **({"profiles": profiles} if profile else {}),
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),
         "rows": rows,
-        "machine": {**machine_info(), "openvino": _openvino_version()},
+        "machine": {**machine_info(), "openvino": _openvino_version(), "nncf": _nncf_version()},
     }
     if output == "default":
         output = DEFAULT_OUT_DIR / f"export_{model_name}.json"
@@ -747,6 +816,7 @@ def accuracy(
         paths, _, int8_settings = _export_all(model, Path(tmp), calib.astype(np.float32), verbose)
         predictors = _predictors(model, paths, threads)
         predictors = {"tf": keras_predictor(model), **predictors}
+        openvino_int8 = _openvino_int8_info(predictors)
         reference = np.concatenate(
             [
                 np.asarray(model(x_test[i : i + 32], training=False))
@@ -756,7 +826,7 @@ def accuracy(
         keras_miou = miou(reference)
         for key, description, precision in RUNTIMES:
             if key not in predictors:
-                rows.append({"runtime": key, "skipped": "CPU without bf16 support"})
+                rows.append({"runtime": key, "skipped": _SKIPPED[key]})
                 continue
             fn = predictors[key]
             got = np.concatenate(
@@ -773,13 +843,14 @@ def accuracy(
                     **_parity(reference, got),
                 }
             )
-            _log(verbose, f"  {key:14s} mIoU {value:.4f} (drop {rows[-1]['miou_drop_points']:.2f})")
+            _log(verbose, f"  {key:18s} mIoU {value:.4f} (drop {rows[-1]['miou_drop_points']:.2f})")
     payload = {
         "benchmark": "export_accuracy",
         "model": "unet",
         "training": {**settings, "image_size": list(size)},
         "keras_miou": keras_miou,
         "int8_quantization": int8_settings,
+        "openvino_int8": openvino_int8,
         "train_seconds": result.train_seconds,
         "data": f"dlmodels.data.shapes test split ({test_samples} images); int8 calibrated on "
         f"{calibration_samples} train-split images",
@@ -787,7 +858,7 @@ def accuracy(
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),
         "rows": rows,
-        "machine": {**machine_info(), "openvino": _openvino_version()},
+        "machine": {**machine_info(), "openvino": _openvino_version(), "nncf": _nncf_version()},
     }
     if output == "default":
         output = DEFAULT_OUT_DIR / "export_unet_accuracy.json"

@@ -39,6 +39,7 @@ def test_every_row_present_and_consistent(tmp_path):
     from dlmodels.export import openvino as ovx
 
     bf16 = ovx.supports_bf16()
+    has_nncf = bench._nncf_version() is not None
     # macs_per_image is dlmodels.bench.flops.count_macs (checked by hand in test_flops.py);
     # effective_macs_per_image its count without the taps on padding: fewer here, as every
     # 3x3 SAME conv of the U-Net has border taps reading padding.
@@ -47,7 +48,7 @@ def test_every_row_present_and_consistent(tmp_path):
     assert 0.5 * macs < effective < macs
     assert "effective_gops" in payload["gops_definition"]
     for (key, batch), r in rows.items():
-        if key == "openvino_bf16" and not bf16:
+        if (key == "openvino_bf16" and not bf16) or (key == "openvino_int8_nncf" and not has_nncf):
             assert "skipped" in r
             continue
         assert 0 < r["p50_ms"] <= r["p90_ms"] and r["iters"] == 2
@@ -74,9 +75,28 @@ def test_every_row_present_and_consistent(tmp_path):
         assert rows[("openvino_fp32", b)]["max_abs_error_vs_keras"] < 1e-4
         assert rows[("ort_fp16", b)]["max_abs_error_vs_keras"] < 1e-1
         assert rows[("ort_int8", b)]["argmax_agreement"] >= 0.5
-    sizes = {r["runtime"]: r["size_bytes"] for r in payload["rows"] if r["batch"] == 1}
+    sizes = {r["runtime"]: r.get("size_bytes") for r in payload["rows"] if r["batch"] == 1}
     assert sizes["ort_fp16"] < 0.75 * sizes["ort_fp32"]
     assert sizes["ort_int8"] == sizes["openvino_int8"]  # one QDQ file, two runtimes
+    if has_nncf:
+        # The NNCF row ran its own int8 IR (its own size: of this tiny model, the XML graph
+        # outweighs the weights), every convolution in u8, and agrees with Keras.
+        assert sizes["openvino_int8_nncf"] not in (None, sizes["openvino_fp32"])
+        info = payload["openvino_int8"]["openvino_int8_nncf"]
+        assert info["convolutions"] == payload["openvino_int8"]["openvino_int8"]["convolutions"]
+        assert list(info["convolutions"]) == ["u8"] and info["convolutions"]["u8"] > 0
+        # The settings NNCF recorded in the file that ran: all 4 calibration images, defaults.
+        assert info["nncf"]["subset_size"] == 4 and info["nncf"]["preset"] == "mixed"
+        assert info["nncf"]["fast_bias_correction"] is True
+        assert payload["machine"]["nncf"] == info["nncf"]["nncf_version"]
+        for b in (1, 2):
+            nncf_row = rows[("openvino_int8_nncf", b)]
+            assert nncf_row["peak"] == "ort_int8" and nncf_row["artifact"] == "openvino_int8_nncf"
+            assert nncf_row["argmax_agreement"] >= 0.5
+            assert nncf_row["max_abs_error_vs_keras"] > 1e-4  # quantized, not the fp32 graph
+    else:
+        assert "pip install 'dlmodels[openvino]'" in rows[("openvino_int8_nncf", 1)]["skipped"]
+        assert "openvino_int8_nncf" not in payload["openvino_int8"]
     assert len(payload["load_average_before"]) == 3 and len(payload["load_average_after"]) == 3
     assert payload["threads"]["runtimes"] == 1
     assert np.isfinite(payload["params"])
@@ -191,6 +211,11 @@ def test_accuracy_side_reports_every_runtime(tmp_path):
     for key in ("ort_fp32", "openvino_fp32"):
         assert rows[key]["max_abs_error_vs_keras"] < 1e-4
         assert rows[key]["miou"] == pytest.approx(keras_miou, abs=1e-3)
+    if bench._nncf_version() is not None:
+        # The NNCF IR was calibrated on the train split and scored like every row.
+        assert 0.0 <= rows["openvino_int8_nncf"]["miou"] <= 1.0
+        assert rows["openvino_int8_nncf"]["max_abs_error_vs_keras"] > 1e-4
+        assert payload["openvino_int8"]["openvino_int8_nncf"]["nncf"]["subset_size"] == 8
     for r in rows.values():
         if "skipped" not in r:
             assert r["miou_drop_points"] == pytest.approx(100 * (keras_miou - r["miou"]))

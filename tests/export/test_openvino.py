@@ -1,5 +1,7 @@
 """OpenVINO IR fp32 / bf16 and the onnxruntime QDQ int8 file, run in OpenVINO, against Keras."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,121 @@ def test_refusals(onnx_file, ir_dir, tmp_path):
     with pytest.raises(FileNotFoundError):
         ovx.to_openvino(tmp_path / "missing.onnx", tmp_path / "ir")
     assert not (tmp_path / "ir").exists()
+
+
+# -- int8 quantized by NNCF ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nncf_ir(onnx_file, tmp_path_factory):
+    pytest.importorskip("nncf")
+    out = tmp_path_factory.mktemp("nncf") / "tiny_int8"
+    return ovx.quantize_openvino(onnx_file, out, images(32, seed=3), subset_size=32).parent
+
+
+def _convolutions(xml):
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    return [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+
+
+def _int8_weights(conv):
+    """(int8 weights, per-output-channel scale) behind a Convolution: Multiply(Convert(i8), s)."""
+    mul = conv.input(1).get_source_output().get_node()
+    assert mul.get_type_name() == "Multiply"
+    a, b = (i.get_source_output().get_node() for i in mul.inputs())
+    convert, scale = (a, b) if a.get_type_name() == "Convert" else (b, a)
+    q = convert.input(0).get_source_output().get_node().get_data()
+    return q, scale.get_data()
+
+
+def test_nncf_ir_runs_int8_and_agrees_with_keras(model, nncf_ir, ir_dir, samples):
+    assert sorted(p.name for p in nncf_ir.iterdir()) == ["model.bin", "model.xml"]
+    x, expected = samples
+    report = ovx.verify_openvino(model, nncf_ir, x, precision="int8", expected=expected)
+    assert report.passed and report.min_agreement == ovx.INT8_MIN_AGREEMENT == 0.9
+    assert report.agreement >= 0.9
+    assert 1e-3 < report.max_abs_error < 1.0  # quantized (far above f32 round-off), yet close
+    # Every convolution of the compiled graph runs in u8 (the f32 IR's run in f32).
+    kinds = ovx.OpenVINOModel(nncf_ir, precision="int8", threads=1).runtime_precisions()
+    assert kinds["Convolution"] == {"u8": 5}
+    # The weights are int8 per output channel, each the fp32 IR's weight rounded to the nearest
+    # step of its channel's scale (the fp32 IR matches Keras: test_f32_parity).
+    fp32, int8 = _convolutions(ir_dir / "model.xml"), _convolutions(nncf_ir / "model.xml")
+    assert len(fp32) == len(int8) == 5
+    for f, q in zip(fp32, int8, strict=True):
+        w = f.input(1).get_source_output().get_node().get_data().astype(np.float64)
+        qw, scale = _int8_weights(q)
+        assert qw.dtype == np.int8 and scale.shape == (w.shape[0], 1, 1, 1)
+        assert (np.abs(qw * scale - w) <= scale / 2 + 1e-6 * np.abs(w).max()).all()
+        per_channel_max = np.abs(w).reshape(len(w), -1).max(1)
+        ratio = scale.ravel() / per_channel_max  # symmetric: scale = max |w_c| / levels
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+        # Each channel's range is used: 127 steps, or 63.5 for the first convolution (NNCF's
+        # overflow fix keeps 7 bits there for CPUs without VNNI).
+        assert np.abs(qw).reshape(len(w), -1).max(1).min() >= 63
+    # int8 weights: the .bin shrinks to well under half of the fp32 IR's.
+    assert (nncf_ir / "model.bin").stat().st_size < 0.5 * (ir_dir / "model.bin").stat().st_size
+    # NNCF recorded its settings in the IR; other files have none.
+    settings = ovx.nncf_settings(nncf_ir)
+    assert settings["preset"] == "mixed" and settings["subset_size"] == 32
+    assert settings["fast_bias_correction"] is True and settings["nncf_version"].startswith("3.")
+    assert ovx.nncf_settings(ir_dir) is None
+
+
+def test_nncf_settings_reach_nncf(onnx_file, tmp_path):
+    pytest.importorskip("nncf")
+    xml = ovx.quantize_openvino(
+        onnx_file,
+        tmp_path / "perf",
+        images(8, seed=4).astype(np.float64),  # numpy's default dtype is accepted
+        preset="performance",
+        subset_size=300,  # more than there are: all 8 are used
+        fast_bias_correction=False,
+    )
+    settings = ovx.nncf_settings(xml.parent)
+    assert settings["preset"] == "performance" and settings["subset_size"] == 8
+    assert settings["fast_bias_correction"] is False
+
+
+def test_nncf_refusals_leave_nothing_behind(onnx_file, int8_file, ir_dir, tmp_path, monkeypatch):
+    pytest.importorskip("nncf")
+    out = tmp_path / "q"
+    calib = images(4, seed=5)
+    with pytest.raises(ValueError, match=r"calibration for input 'image' is empty"):
+        ovx.quantize_openvino(onnx_file, out, calib[:0])
+    with pytest.raises(ValueError, match=r"shape \(4, 8, 8, 3\).*\(num_samples, \*input_shape\)"):
+        ovx.quantize_openvino(onnx_file, out, calib[:, :8, :8])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ovx.quantize_openvino(onnx_file, out, np.full_like(calib, np.nan))
+    with pytest.raises(ValueError, match=r"inputs \['x'\]; the model takes \['image'\]"):
+        ovx.quantize_openvino(onnx_file, out, {"x": calib})
+    with pytest.raises(ValueError, match=r"preset='fast' is not supported.*'performance'"):
+        ovx.quantize_openvino(onnx_file, out, calib, preset="fast")
+    with pytest.raises(ValueError, match="subset_size must be an int >= 1"):
+        ovx.quantize_openvino(onnx_file, out, calib, subset_size=0)
+    with pytest.raises(ValueError, match="already quantized"):
+        ovx.quantize_openvino(int8_file, out, calib)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ovx.quantize_openvino(onnx_file, ir_dir, calib)
+    # A failure while writing (disk full) leaves neither the target nor a temp directory.
+    import openvino as ov
+
+    def save_half(model, path, **kw):
+        Path(path).write_text("<net")  # a partial model.xml
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ov, "save_model", save_half)
+    with pytest.raises(OSError, match="No space left"):
+        ovx.quantize_openvino(onnx_file, out, calib, subset_size=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nncf_missing_names_the_extra(onnx_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` now raises ImportError
+    with pytest.raises(ValueError, match=r"pip install 'dlmodels\[openvino\]'"):
+        ovx.quantize_openvino(onnx_file, tmp_path / "q", images(4))
+    assert list(tmp_path.iterdir()) == []
