@@ -952,14 +952,28 @@ def verify_cmd(
 @app.command("quantize")
 def quantize_cmd(
     onnx_path: Annotated[Path, typer.Argument(help="an fp32 .onnx file (from dlmodels export)")],
-    output: Annotated[Path, typer.Argument(help="the quantized .onnx file to write")],
+    output: Annotated[
+        Path,
+        typer.Argument(
+            help="the quantized .onnx file to write (--mode openvino: the IR directory)"
+        ),
+    ],
     data: Annotated[
         Path | None,
-        typer.Option(help=".npz / .npy / image folder of calibration inputs (static mode)"),
+        typer.Option(
+            help=".npz / .npy / image folder of calibration inputs (static and openvino modes)"
+        ),
     ] = None,
-    mode: Annotated[str, typer.Option(help="static (CNNs), dynamic (LSTM/Dense) or fp16")] = (
-        "static"
-    ),
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="static (ONNX int8 QDQ for CNNs), dynamic (LSTM/Dense), fp16, or openvino "
+            "(an OpenVINO int8 IR quantized by NNCF)"
+        ),
+    ] = "static",
+    nncf_preset: Annotated[
+        str, typer.Option(help="--mode openvino: NNCF preset, mixed or performance")
+    ] = "mixed",
     per_channel: bool = True,
     reduce_range: Annotated[
         str, typer.Option(help="auto (from this CPU's instruction set), on or off")
@@ -973,12 +987,15 @@ def quantize_cmd(
     overwrite: bool = False,
     seed: Annotated[int, typer.Option(help="picks the calibration samples from --data")] = 0,
 ):
-    """Quantize an ONNX file (static int8 QDQ with calibration data, dynamic int8, or fp16) and
-    print the settings used (reduce_range, calibration samples, ...).
+    """Quantize an ONNX file (static int8 QDQ with calibration data, dynamic int8, or fp16; or an
+    OpenVINO int8 IR with NNCF) and print the settings used (reduce_range, calibration samples,
+    ...).
 
     Examples:
 
         dlmodels quantize out/model.onnx out/model.int8.onnx --data data.npz
+
+        dlmodels quantize out/model.onnx out/openvino_int8 --data data.npz --mode openvino
 
         dlmodels quantize forecaster.onnx forecaster.dynamic.onnx --mode dynamic --json
 
@@ -988,15 +1005,21 @@ def quantize_cmd(
     from dlmodels import export
 
     _existing_file(onnx_path, "ONNX file", "ONNX_PATH")
-    if mode not in ("static", "dynamic", "fp16"):
+    if mode not in ("static", "dynamic", "fp16", "openvino"):
         raise typer.BadParameter(
-            f"must be static, dynamic or fp16, got {mode!r}", param_hint="--mode"
+            f"must be static, dynamic, fp16 or openvino, got {mode!r}", param_hint="--mode"
         )
     if mode != "static" and calibration_method != "minmax":
         raise typer.BadParameter(
             f"--calibration-method {calibration_method} applies to --mode static only (--mode "
-            f"{mode} has no calibration); drop it or use --mode static",
+            f"{mode} has no such choice); drop it or use --mode static",
             param_hint="--calibration-method",
+        )
+    if mode != "openvino" and nncf_preset != "mixed":
+        raise typer.BadParameter(
+            f"--nncf-preset {nncf_preset} applies to --mode openvino only; drop it or use "
+            "--mode openvino",
+            param_hint="--nncf-preset",
         )
     reduce = {"auto": None, "on": True, "off": False}.get(reduce_range.lower(), "bad")
     if reduce == "bad":
@@ -1004,11 +1027,11 @@ def quantize_cmd(
             f"must be auto, on or off, got {reduce_range!r}", param_hint="--reduce-range"
         )
     calibration = None
-    if mode == "static":
+    if mode in ("static", "openvino"):
         if data is None:
             raise typer.BadParameter(
-                "static quantization needs calibration data: pass --data DATA.npz|FOLDER "
-                "(or use --mode dynamic)",
+                f"--mode {mode} quantization needs calibration data: pass --data "
+                "DATA.npz|FOLDER (or use --mode dynamic)",
                 param_hint="--data",
             )
         _existing_file(data, "file", "--data")
@@ -1024,6 +1047,11 @@ def quantize_cmd(
             max_samples=calibration_samples,
             seed=seed,
         )
+    if mode == "openvino":
+        _quantize_openvino(
+            onnx_path, output, calibration, nncf_preset, calibration_samples, overwrite, json_output
+        )
+        return
     report = export.quantize_with_report(
         onnx_path,
         output,
@@ -1045,6 +1073,35 @@ def quantize_cmd(
     if coverage:  # one line instead of every node: "compute ops int8=12/12"
         shown["compute_ops_int8"] = f"{coverage['compute_int8']}/{coverage['compute_total']}"
     typer.echo(" ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def _quantize_openvino(onnx_path, output, calibration, preset, samples, overwrite, json_output):
+    """`dlmodels quantize --mode openvino`: an NNCF int8 IR, then the settings it recorded."""
+    from dlmodels.export import openvino as ovx
+
+    if preset not in ovx.NNCF_PRESETS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(ovx.NNCF_PRESETS)}, got {preset!r}",
+            param_hint="--nncf-preset",
+        )
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the result
+        xml = ovx.quantize_openvino(
+            onnx_path, output, calibration, preset=preset, subset_size=samples, overwrite=overwrite
+        )
+    counts = ovx.OpenVINOModel(xml, precision="int8", threads=1).runtime_precisions()
+    convs = counts.get("Convolution", {})
+    settings = {
+        "path": str(xml.parent),
+        "mode": "openvino",
+        "calibration_samples": len(next(iter(calibration.values()))),
+        **(ovx.nncf_settings(xml) or {}),
+        "convolutions_int8": f"{sum(n for p, n in convs.items() if p in ('i8', 'u8'))}/"
+        f"{sum(convs.values())}",
+    }
+    if json_output:
+        sys.stdout.write(json.dumps(settings) + "\n")
+    else:
+        typer.echo(" ".join(f"{k}={v}" for k, v in settings.items()))
 
 
 @app.command("demo")

@@ -350,6 +350,24 @@ def test_export_without_data_checks_parity_on_random_inputs(tmp_path, tiny_model
     assert quantized.exit_code == 0, quantized.output
     settings = json.loads(quantized.stdout)
     assert settings["calibration_samples"] == 3 and settings["mode"] == "static"
+    # The same data through NNCF: an OpenVINO int8 IR whose convolutions all run in int8.
+    wrong = runner.invoke(
+        app, ["quantize", onnx_file, str(tmp_path / "q2.onnx"), "--nncf-preset", "performance"]
+    )
+    assert wrong.exit_code == 2 and "applies to --mode openvino only" in wrong.output
+    ir_dir = tmp_path / "openvino_int8"
+    args = ["quantize", onnx_file, str(ir_dir), "--data", str(folder), "--mode", "openvino"]
+    bad = runner.invoke(app, [*args, "--nncf-preset", "fast"])
+    assert bad.exit_code == 2 and "mixed, performance" in bad.output
+    assert not ir_dir.exists()
+    nncf = runner.invoke(app, [*args, "--nncf-preset", "performance", "--json"])
+    assert nncf.exit_code == 0, nncf.output
+    settings = json.loads(nncf.stdout)
+    assert settings["mode"] == "openvino" and settings["path"] == str(ir_dir)
+    assert settings["calibration_samples"] == 3 and settings["preset"] == "performance"
+    done, total = map(int, settings["convolutions_int8"].split("/"))
+    assert done == total > 0
+    assert sorted(p.name for p in ir_dir.iterdir()) == ["model.bin", "model.xml"]
 
 
 # -- the demo slice -------------------------------------------------------------------------------
