@@ -55,43 +55,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "int8": math.inf}
 """Default max |LiteRT - Keras| per precision (int8 is judged by `INT8_MIN_AGREEMENT`)."""
 
-INT8_MIN_AGREEMENT = 0.9
-"""Default smallest argmax agreement with Keras of an int8 file."""
-
-INT8_MAX_METRIC_DROP = 0.01
-"""Default largest tolerated drop of the caller's metric (Keras - int8) of an int8 file."""
-
-FINITE_ONLY = "finite outputs only (no output with classes, no metric)"
-"""`judged_by` of an int8 file with nothing to judge it by but finite outputs."""
-
-
-def int8_verdict(
-    finite: bool,
-    *,
-    agreement: float | None,
-    min_agreement: float | None,
-    metric_before: float | None,
-    metric_after: float | None,
-    max_metric_drop: float | None,
-    metric_name: str | None = None,
-) -> tuple[bool, str]:
-    """The int8 bar, shared by `verify_litert` and `write_repository` (ONNX and LiteRT int8):
-    finite outputs, argmax agreement >= `min_agreement` (outputs with classes) and a metric
-    drop (before - after, higher is better) <= `max_metric_drop`, each where measured and set.
-
-    Returns:
-        (passed, the bars applied in words; `FINITE_ONLY` when none applied).
-    """
-    bars, ok = [], bool(finite)
-    if agreement is not None and min_agreement is not None:
-        bars.append(f"argmax agreement >= {min_agreement:g}")
-        ok = ok and agreement >= min_agreement
-    if metric_before is not None and metric_after is not None and max_metric_drop is not None:
-        bars.append(f"{metric_name or 'metric'} drop <= {max_metric_drop:g}")
-        ok = ok and metric_before - metric_after <= max_metric_drop
-    return bool(ok), " and ".join(bars) or FINITE_ONLY
-
-
 SIGNATURE = "serving_default"
 """The signature every file `to_litert` writes carries (named inputs and outputs)."""
 
@@ -513,9 +476,11 @@ def verify_litert(
         RuntimeError: the worker could not run the file (e.g. a corrupted flatbuffer).
     """
     from dlmodels.export.verify import (
+        INT8_MAX_METRIC_DROP,
+        INT8_MIN_AGREEMENT,
         VerificationError,
         _n_samples,
-        compare_outputs,
+        judge_outputs,
         keras_outputs,
     )
 
@@ -526,52 +491,26 @@ def verify_litert(
         max_metric_drop = INT8_MAX_METRIC_DROP if max_metric_drop is None else max_metric_drop
     expected = dict(expected) if expected is not None else keras_outputs(model, inputs)
     got = litert_predict(path, inputs, fresh_process=True)
-    max_err, mean_err, agreement, finite = compare_outputs(
-        expected, got, where=f"{path} [LiteRT {precision}]"
-    )
-    metric_keras = metric_litert = None
-    if metric is not None and labels is not None:
-        names = list(expected)
-
-        def pack(d):
-            values = [d[k] for k in names]
-            return values[0] if len(values) == 1 else values
-
-        metric_keras = float(metric(labels, pack(expected)))
-        metric_litert = float(metric(labels, pack(got)))
-    passed, judged_by = int8_verdict(
-        finite and max_err <= atol,
-        agreement=agreement,
+    judged = judge_outputs(
+        expected,
+        got,
+        where=f"{path} [LiteRT {precision}]",
+        atol=atol,
         min_agreement=min_agreement,
-        metric_before=metric_keras,
-        metric_after=metric_litert,
+        labels=labels,
+        metric=metric,
         max_metric_drop=max_metric_drop,
-        metric_name=getattr(metric, "__name__", None),
     )
-    if math.isfinite(atol):
-        judged_by = f"max abs error <= {atol:g}" + (
-            "" if judged_by == FINITE_ONLY else f" and {judged_by}"
-        )
-    elif judged_by == FINITE_ONLY:
-        warnings.warn(
-            f"{path} [LiteRT {precision}]: no output with classes and no metric, so it is "
-            "judged on finite outputs only; pass labels and metric to judge it by the task.",
-            stacklevel=2,
-        )
+    metric_litert = judged.pop("metric_runtime")
     report = LiteRTVerifyReport(
         path=str(path),
         precision=precision,
-        max_abs_error=max_err,
-        mean_abs_error=mean_err,
         atol=atol,
-        passed=passed,
         n_samples=_n_samples(inputs),
-        agreement=agreement,
         min_agreement=min_agreement,
-        metric_keras=metric_keras,
         metric_litert=metric_litert,
         max_metric_drop=max_metric_drop,
-        judged_by=judged_by,
+        **judged,
     )
     if raise_on_fail and not report.passed:
         raise VerificationError(str(report))

@@ -469,8 +469,11 @@ class OpenVINOVerifyReport:
 
     Attributes:
         path, precision, max_abs_error, mean_abs_error, atol, min_agreement, agreement,
-        passed (finite, max |err| <= atol and agreement >= min_agreement when set), n_samples,
-        metric_keras / metric_openvino (when `metric` and `labels` were given).
+        passed (finite, max |err| <= atol, agreement >= min_agreement and metric drop <=
+        max_metric_drop, each when set and measured), n_samples, metric_keras /
+        metric_openvino (when `metric` and `labels` were given), max_metric_drop, judged_by
+        (the bars applied, in words; for int8 `FINITE_ONLY` when nothing but finiteness could
+        be judged).
     """
 
     path: str
@@ -484,6 +487,8 @@ class OpenVINOVerifyReport:
     min_agreement: float | None = None
     metric_keras: float | None = None
     metric_openvino: float | None = None
+    max_metric_drop: float | None = None
+    judged_by: str = ""
 
     def __str__(self) -> str:
         text = (
@@ -492,8 +497,12 @@ class OpenVINOVerifyReport:
         )
         if self.agreement is not None:
             text += f", argmax agreement {self.agreement:.4f}"
+        if self.min_agreement is not None:
+            text += f" (min {self.min_agreement:g})"
         if self.metric_keras is not None:
             text += f", metric keras {self.metric_keras:.4f} / openvino {self.metric_openvino:.4f}"
+        if self.judged_by:
+            text += f"; judged by {self.judged_by}"
         return text
 
 
@@ -507,6 +516,7 @@ def verify_openvino(
     min_agreement: float | None = None,
     labels=None,
     metric: Callable | None = None,
+    max_metric_drop: float | None = None,
     expected: Mapping[str, np.ndarray] | None = None,
     raise_on_fail: bool = False,
 ) -> OpenVINOVerifyReport:
@@ -520,49 +530,49 @@ def verify_openvino(
         atol: largest tolerated |OpenVINO - Keras|; None: `TOLERANCES[precision]`.
         min_agreement: smallest tolerated argmax agreement (outputs with > 1 channel); None:
             `INT8_MIN_AGREEMENT` for int8, unchecked otherwise.
-        labels / metric: `metric(labels, outputs) -> float` on Keras and OpenVINO outputs.
+        labels / metric: `metric(labels, outputs) -> float` (higher is better) on Keras and
+            OpenVINO outputs.
+        max_metric_drop: largest tolerated metric drop (Keras - OpenVINO) when a metric is
+            given; None: `INT8_MAX_METRIC_DROP` for int8, unchecked otherwise.
         expected: Keras outputs already computed ({output name: array}).
         raise_on_fail: raise `VerificationError` instead of returning a failed report.
     """
     from dlmodels.export.verify import (
+        INT8_MAX_METRIC_DROP,
         VerificationError,
         _n_samples,
-        compare_outputs,
+        judge_outputs,
         keras_outputs,
     )
 
     check_precision(precision)
     atol = TOLERANCES[precision] if atol is None else float(atol)
-    if min_agreement is None and precision == "int8":
-        min_agreement = INT8_MIN_AGREEMENT
+    if precision == "int8":
+        min_agreement = INT8_MIN_AGREEMENT if min_agreement is None else min_agreement
+        max_metric_drop = INT8_MAX_METRIC_DROP if max_metric_drop is None else max_metric_drop
     expected = dict(expected) if expected is not None else keras_outputs(model, inputs)
     got = openvino_predict(path, inputs, precision=precision, fresh_process=True)
-    max_err, mean_err, agreement, finite = compare_outputs(
-        expected, got, where=f"{path} [{precision}]"
+    judged = judge_outputs(
+        expected,
+        got,
+        where=f"{path} [OpenVINO {precision}]",
+        atol=atol,
+        min_agreement=min_agreement,
+        labels=labels,
+        metric=metric,
+        max_metric_drop=max_metric_drop,
     )
-    passed = bool(finite and max_err <= atol)
-    if min_agreement is not None and agreement is not None:
-        passed = passed and agreement >= min_agreement
+    metric_openvino = judged.pop("metric_runtime")
     report = OpenVINOVerifyReport(
         path=str(path),
         precision=precision,
-        max_abs_error=max_err,
-        mean_abs_error=mean_err,
         atol=atol,
-        passed=passed,
         n_samples=_n_samples(inputs),
-        agreement=agreement,
         min_agreement=min_agreement,
+        metric_openvino=metric_openvino,
+        max_metric_drop=max_metric_drop,
+        **judged,
     )
-    if metric is not None and labels is not None:
-        names = list(expected)
-
-        def pack(d):
-            values = [d[k] for k in names]
-            return values[0] if len(values) == 1 else values
-
-        report.metric_keras = float(metric(labels, pack(expected)))
-        report.metric_openvino = float(metric(labels, pack(got)))
     if raise_on_fail and not report.passed:
         raise VerificationError(str(report))
     return report

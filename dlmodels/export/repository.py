@@ -575,7 +575,7 @@ def write_repository(
         )
 
     def int8_bars(finite_ok: bool, agreement, int8_metric) -> tuple[bool, str]:
-        from dlmodels.export.litert import int8_verdict
+        from dlmodels.export.verify import int8_verdict
 
         return int8_verdict(
             finite_ok,

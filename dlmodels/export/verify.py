@@ -37,6 +37,107 @@ def worker_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+INT8_MIN_AGREEMENT = 0.9
+"""Default smallest argmax agreement with Keras of an int8 file (ONNX, LiteRT, OpenVINO)."""
+
+INT8_MAX_METRIC_DROP = 0.01
+"""Default largest tolerated drop of the caller's metric (Keras - int8) of an int8 file."""
+
+FINITE_ONLY = "finite outputs only (no output with classes, no metric)"
+"""`judged_by` of an int8 file with nothing to judge it by but finite outputs."""
+
+
+def int8_verdict(
+    finite: bool,
+    *,
+    agreement: float | None,
+    min_agreement: float | None,
+    metric_before: float | None,
+    metric_after: float | None,
+    max_metric_drop: float | None,
+    metric_name: str | None = None,
+) -> tuple[bool, str]:
+    """The int8 bar, shared by `verify_litert`, `verify_openvino` and `write_repository`:
+    finite outputs, argmax agreement >= `min_agreement` (outputs with classes) and a metric
+    drop (before - after, higher is better) <= `max_metric_drop`, each where measured and set.
+
+    Returns:
+        (passed, the bars applied in words; `FINITE_ONLY` when none applied).
+    """
+    bars, ok = [], bool(finite)
+    if agreement is not None and min_agreement is not None:
+        bars.append(f"argmax agreement >= {min_agreement:g}")
+        ok = ok and agreement >= min_agreement
+    if metric_before is not None and metric_after is not None and max_metric_drop is not None:
+        bars.append(f"{metric_name or 'metric'} drop <= {max_metric_drop:g}")
+        ok = ok and metric_before - metric_after <= max_metric_drop
+    return bool(ok), " and ".join(bars) or FINITE_ONLY
+
+
+def judge_outputs(
+    expected: Mapping[str, np.ndarray],
+    got: Mapping[str, np.ndarray],
+    *,
+    where: str,
+    atol: float,
+    min_agreement: float | None = None,
+    labels=None,
+    metric: Callable | None = None,
+    max_metric_drop: float | None = None,
+) -> dict:
+    """A runtime's outputs against Keras' under one bar (what `verify_litert` and
+    `verify_openvino` share): max / mean |err| <= `atol` (unless inf), argmax agreement >=
+    `min_agreement` and metric drop <= `max_metric_drop` where measured and set
+    (`int8_verdict`). Warns when an infinite `atol` leaves only finiteness to judge.
+
+    Returns:
+        {"max_abs_error", "mean_abs_error", "agreement", "metric_keras", "metric_runtime",
+        "passed", "judged_by"}.
+    """
+    import math
+    import warnings
+
+    max_err, mean_err, agreement, finite = compare_outputs(expected, got, where=where)
+    metric_keras = metric_runtime = None
+    if metric is not None and labels is not None:
+        names = list(expected)
+
+        def pack(d):
+            values = [d[k] for k in names]
+            return values[0] if len(values) == 1 else values
+
+        metric_keras = float(metric(labels, pack(expected)))
+        metric_runtime = float(metric(labels, pack(got)))
+    passed, judged_by = int8_verdict(
+        finite and max_err <= atol,
+        agreement=agreement,
+        min_agreement=min_agreement,
+        metric_before=metric_keras,
+        metric_after=metric_runtime,
+        max_metric_drop=max_metric_drop,
+        metric_name=getattr(metric, "__name__", None),
+    )
+    if math.isfinite(atol):
+        judged_by = f"max abs error <= {atol:g}" + (
+            "" if judged_by == FINITE_ONLY else f" and {judged_by}"
+        )
+    elif judged_by == FINITE_ONLY:
+        warnings.warn(
+            f"{where}: no output with classes and no metric, so it is judged on finite outputs "
+            "only; pass labels and metric to judge it by the task.",
+            stacklevel=3,
+        )
+    return {
+        "max_abs_error": max_err,
+        "mean_abs_error": mean_err,
+        "agreement": agreement,
+        "metric_keras": metric_keras,
+        "metric_runtime": metric_runtime,
+        "passed": passed,
+        "judged_by": judged_by,
+    }
+
+
 class VerificationError(AssertionError):
     """An exported artifact disagrees with its Keras model beyond the tolerance."""
 

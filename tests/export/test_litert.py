@@ -13,6 +13,7 @@ pytest.importorskip("ai_edge_litert")
 
 from dlmodels import export
 from dlmodels.export import litert
+from dlmodels.export.verify import FINITE_ONLY
 from dlmodels.models import registry
 
 SIZE = 32
@@ -259,7 +260,7 @@ def test_int8_verdict_judges_the_metric_drop_and_says_when_only_finiteness(monke
     monkeypatch.setattr(litert, "litert_predict", lambda *a, **k: one)
     with pytest.warns(UserWarning, match="finite outputs only"):
         report = litert.verify_litert(None, "x.tflite", keras_out, precision="int8", expected=one)
-    assert report.passed and report.judged_by == litert.FINITE_ONLY
+    assert report.passed and report.judged_by == FINITE_ONLY
 
 
 def test_fresh_process_verification_catches_a_corrupted_file(

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("openvino")
 
 from dlmodels.export import openvino as ovx
+from dlmodels.export.verify import FINITE_ONLY
 from tests.export._tiny import images
 
 
@@ -211,3 +212,37 @@ def test_nncf_missing_names_the_extra(onnx_file, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"pip install 'dlmodels\[openvino\]'"):
         ovx.quantize_openvino(onnx_file, tmp_path / "q", images(4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_is_judged_by_the_metric_drop_as_litert_is(monkeypatch):
+    """verify_openvino's int8 bar is `int8_verdict`'s: argmax agreement and a metric drop of at
+    most 0.01 by default; an output without classes and no metric is judged on finiteness only,
+    and the report says so."""
+    keras_out = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    shifted = {"logits": keras_out - 0.1}  # same argmax, lower mean
+    monkeypatch.setattr(ovx, "openvino_predict", lambda *a, **k: shifted)
+
+    def mean_logit(labels, out):
+        return float(np.mean(out))
+
+    kw = {"precision": "int8", "expected": {"logits": keras_out}, "labels": 0}
+    report = ovx.verify_openvino(None, "x.xml", keras_out, metric=mean_logit, **kw)
+    assert report.agreement == 1.0 and report.max_metric_drop == 0.01
+    assert report.metric_keras - report.metric_openvino == pytest.approx(0.1, abs=1e-6)
+    assert not report.passed and "mean_logit drop <= 0.01" in report.judged_by, report
+    assert "judged by argmax agreement >= 0.9 and mean_logit drop <= 0.01" in str(report)
+    loose = ovx.verify_openvino(
+        None, "x.xml", keras_out, metric=mean_logit, max_metric_drop=0.2, **kw
+    )
+    assert loose.passed
+    one = {"logits": keras_out[:, :1]}
+    monkeypatch.setattr(ovx, "openvino_predict", lambda *a, **k: one)
+    with pytest.warns(UserWarning, match="finite outputs only"):
+        report = ovx.verify_openvino(None, "x.xml", keras_out, precision="int8", expected=one)
+    assert report.passed and report.judged_by == FINITE_ONLY
+    # f32 keeps its absolute bar and no metric bar.
+    monkeypatch.setattr(ovx, "openvino_predict", lambda *a, **k: shifted)
+    report = ovx.verify_openvino(
+        None, "x.xml", keras_out, metric=mean_logit, **{**kw, "precision": "f32"}
+    )
+    assert not report.passed and report.judged_by == "max abs error <= 0.0001"
