@@ -2,20 +2,36 @@
 
     python -m serving --model-repository repo/                      serve on 127.0.0.1:8000
     python -m serving --model-repository repo/ --check              load, warm up, exit
+    python -m serving --model-repository repo/ --workers 2          two server processes
 
 `main(argv)` takes an argument list, so `dlmodels serve` calls it with its own arguments.
 Exit status: 0 after a clean shutdown (SIGINT/SIGTERM: in-flight requests finish first) or a
-passing --check, 1 when --check found a model that failed, 2 for a usage error (no repository,
-no manifest in it, no manifest that loads, an invalid option).
+passing --check, 1 when --check found a model that failed (or, with --workers, when a worker
+had to be killed at shutdown or kept crashing), 2 for a usage error (no repository, no manifest
+in it, no manifest that loads, an invalid option).
+
+`--workers N` (N > 1): this process binds the port (`bind_sockets`: one SO_REUSEPORT socket per
+worker where the OS has it, else one shared socket) and supervises N worker processes (started
+with `spawn`) that each load the repository themselves (their own onnxruntime sessions,
+dynamic batcher and hot-reload scan) and serve on their socket with
+`uvicorn.Server(config).run(sockets=[sock])`. SIGTERM/SIGINT to this process is passed to
+every worker as SIGTERM: each drains its in-flight requests, then this process exits 0. A worker
+that dies is logged (`worker_exited`) and restarted with the same index (more than 3N deaths in
+a minute: everything stops, exit 1). Metrics are shared through snapshot files (see
+`serving.metrics`). Each worker's onnxruntime sessions get `--threads` threads, by default
+max(1, cores // N).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -81,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
         "  dlmodels serve --model-repository artifacts/\n"
         "  dlmodels serve --model-repository repo/ --format int8 --port 8080\n"
-        "  dlmodels serve --model-repository repo/ --check\n",
+        "  dlmodels serve --model-repository repo/ --check\n"
+        "  dlmodels serve --model-repository repo/ --workers 2 --host 0.0.0.0\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -95,7 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per model")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime threads per model (default: every core, or with --workers N "
+        "max(1, cores // N) in each worker)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port, each with its own copy of the models "
+        "(default 1: this process serves)",
+    )
     p.add_argument("--format", default="onnx", help="artifact format to serve (onnx, int8, ...)")
     p.add_argument(
         "--providers",
@@ -178,9 +208,24 @@ def _http_protocol():
     return CoalescingHttpToolsProtocol
 
 
+def worker_threads(threads: int | None, workers: int, cores: int | None = None) -> int | None:
+    """onnxruntime threads per model in each worker process: `threads` when given; else None
+    (onnxruntime over every core, as always) for a single process and max(1, cores // workers)
+    for several, so the workers' sessions do not oversubscribe the cores."""
+    if threads is not None or workers == 1:
+        return threads
+    if cores is None:
+        from dlmodels.runtime import default_threads
+
+        cores = default_threads()
+    return max(1, cores // workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be >= 1 (the number of server processes)")
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: not a directory")
     if args.check:
@@ -232,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     settings = ServerSettings(
         format=args.format,
-        threads=args.threads,
+        threads=worker_threads(args.threads, args.workers),
         providers=tuple(args.providers.split(",")) if args.providers else None,
         spinning=args.spinning,
         inline_below_ms=args.inline_below_ms,
@@ -247,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
         auth_token=token,
         poll_interval=args.poll_interval,
     )
-    app = create_app(str(args.model_repository), settings, options)
     log(
         logging.INFO,
         "server_start",
@@ -258,19 +302,28 @@ def main(argv: list[str] | None = None) -> int:
         pid=os.getpid(),
         tensorflow_loaded="tensorflow" in sys.modules,
         keras_loaded="keras" in sys.modules,
+        **({"workers": args.workers} if args.workers > 1 else {}),
     )
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_config=None,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        timeout_keep_alive=args.keep_alive,
-        server_header=False,
-        loop="auto",  # uvloop when installed
-        http=_http_protocol(),
-    )
+    server_options = {
+        "host": args.host,
+        "port": args.port,
+        "log_config": None,
+        "access_log": args.access_log,
+        "timeout_graceful_shutdown": args.graceful_timeout,
+        "timeout_keep_alive": args.keep_alive,
+        "server_header": False,
+        "loop": "auto",  # uvloop when installed
+        "http": _http_protocol(),
+    }
+    if args.workers > 1:
+        from serving.app import WorkerPlan
+
+        plan = WorkerPlan(
+            str(args.model_repository), settings, options, server_options, args.log_level
+        )
+        return _supervise(plan, args.workers, args.graceful_timeout)
+    app = create_app(str(args.model_repository), settings, options)
+    config = uvicorn.Config(app, **server_options)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, restores the previous handlers and
     # re-raises the signal; no-op handlers make that re-raise harmless, so a graceful shutdown
     # exits with status 0 (what process managers expect) instead of dying by the signal.
@@ -278,6 +331,156 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
+
+
+# -- several worker processes (--workers N) -----------------------------------------------
+
+
+def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
+    """The listening sockets of `n` workers, all on `host:port`: one per worker with
+    SO_REUSEPORT where the OS has it (Linux, BSD), so the kernel spreads new connections over
+    the workers; else one socket they share. The parent keeps them open, so a restarted worker
+    takes over its socket and the connections waiting on it.
+
+    Why not one shared socket everywhere: the worker that wakes first accepts every connection
+    waiting (asyncio and uvloop accept in a loop), so a burst of keep-alive connections can all
+    land on one worker: 16 benchmark connections went 0 / 16 to two workers.
+    Raises OSError when the port is taken (checked without SO_REUSEPORT, so another server
+    on the port is an error, not a silent sharer)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError:
+        probe.close()
+        raise
+    if not hasattr(socket, "SO_REUSEPORT"):
+        probe.set_inheritable(True)
+        return [probe] * n
+    port = probe.getsockname()[1]
+    probe.close()
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(family)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _supervise(plan, workers: int, graceful_timeout: float) -> int:
+    """Bind the port, run `workers` worker processes on it until SIGTERM/SIGINT, restart
+    any that dies, drain them all at the end; the exit status."""
+    import multiprocessing
+    import shutil
+    import tempfile
+    from multiprocessing.connection import wait
+
+    from serving._common import log
+    from serving.app import run_worker
+    from serving.metrics import retire_snapshot
+
+    ctx = multiprocessing.get_context("spawn")
+    host, port = plan.server_options["host"], plan.server_options["port"]
+    try:
+        socks = bind_sockets(host, port, workers)
+    except OSError as err:
+        log(logging.ERROR, "bind_failed", host=host, port=port, error=str(err))
+        return 1
+    log(
+        logging.INFO,
+        "listening",
+        url=f"http://{host}:{socks[0].getsockname()[1]}",
+        sockets=len({id(s) for s in socks}),
+    )
+    metrics_dir = tempfile.mkdtemp(prefix="dlmodels-serving-metrics-")
+    plan = dataclasses.replace(
+        plan, options=dataclasses.replace(plan.options, metrics_dir=metrics_dir)
+    )
+    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    signalled: set[int] = set()
+    stopping: list[int] = []
+
+    def terminate(pid: int) -> None:
+        if pid not in signalled:
+            signalled.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def on_signal(sig, _frame) -> None:
+        stopping.append(sig)
+        for p in list(procs.values()):
+            terminate(p.pid)
+
+    def start(index: int) -> None:
+        p = ctx.Process(
+            target=run_worker, args=(plan, index, socks[index]), name=f"serving-worker-{index}"
+        )
+        p.start()
+        procs[index] = p
+        log(logging.INFO, "worker_started", worker=index, pid=p.pid)
+        if stopping:  # a signal came while it started
+            terminate(p.pid)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log(logging.INFO, "workers_start", workers=workers, pid=os.getpid(), metrics_dir=metrics_dir)
+    status, deaths = 0, []
+    try:
+        for index in range(workers):
+            start(index)
+        while not stopping:
+            wait([p.sentinel for p in procs.values()], timeout=1.0)
+            for index, p in list(procs.items()):
+                if stopping or p.exitcode is None:
+                    continue
+                log(logging.ERROR, "worker_exited", worker=index, pid=p.pid, exitcode=p.exitcode)
+                retire_snapshot(metrics_dir, p.pid)  # its counters stay counted
+                now = time.monotonic()
+                deaths = [t for t in deaths if now - t < 60] + [now]
+                if len(deaths) > 3 * workers:
+                    log(logging.ERROR, "workers_keep_dying", deaths_in_last_minute=len(deaths))
+                    status = 1
+                    stopping.append(signal.SIGTERM)
+                    for other in procs.values():
+                        terminate(other.pid)
+                    break
+                start(index)
+        log(logging.INFO, "server_stopping", signal=signal.Signals(stopping[0]).name)
+        for sock in socks:  # once the workers close theirs too, new connections are refused
+            sock.close()
+        deadline = time.monotonic() + graceful_timeout + 15
+        for index, p in procs.items():
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                log(logging.ERROR, "worker_killed", worker=index, pid=p.pid, reason="timeout")
+                p.kill()
+                p.join()
+                status = 1
+            elif p.exitcode in (0, -signal.SIGTERM, -signal.SIGINT):  # a signal: not yet serving
+                log(logging.INFO, "worker_stopped", worker=index, pid=p.pid, exitcode=p.exitcode)
+            else:
+                log(logging.ERROR, "worker_exited", worker=index, pid=p.pid, exitcode=p.exitcode)
+                status = 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for p in procs.values():  # only after an error in this loop: never leave orphans
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        for sock in socks:
+            sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    log(logging.INFO, "server_stopped", workers=workers, status=status)
+    return status
 
 
 if __name__ == "__main__":

@@ -89,8 +89,14 @@ def v1_shape(shape) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
+LOG_FIELDS: dict = {}
+"""Fields added to every log line of this process (a worker of a multi-worker server: its
+`worker` index and `pid`); empty in a single-process server."""
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, event and the record's `fields`."""
+    """One JSON object per line: time, level, logger, event, `LOG_FIELDS` and the record's
+    `fields`."""
 
     def format(self, record: logging.LogRecord) -> str:
         data = {
@@ -100,6 +106,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        data.update(LOG_FIELDS)
         data.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)

@@ -43,7 +43,7 @@ from serving._common import (
     parse_version,
     v1_shape,
 )
-from serving.metrics import UNKNOWN, Metrics
+from serving.metrics import SNAPSHOT_INTERVAL_S, UNKNOWN, Metrics
 from serving.repository import ModelRepository, ServerSettings
 
 SERVER_NAME = "dlmodels"
@@ -143,11 +143,19 @@ class AppOptions:
         auth_token: when set, every endpoint but /v2/health/* and /metrics needs
             `Authorization: Bearer <token>`.
         poll_interval: seconds between repository scans for hot reload (0: never rescan).
+        worker: this process's index in a server of several worker processes (`--workers`);
+            None for a single-process server. A worker loads and warms up its models before
+            it accepts connections (its siblings answer meanwhile), shares its metrics through
+            `metrics_dir` (see `serving.metrics`) and names itself in the `X-Dlmodels-Worker`
+            header of /metrics answers.
+        metrics_dir: the directory the workers share their metrics snapshots in.
     """
 
     max_body_bytes: int = 64 << 20
     auth_token: str | None = None
     poll_interval: float = 2.0
+    worker: int | None = None
+    metrics_dir: str | None = None
 
 
 def create_app(
@@ -158,13 +166,12 @@ def create_app(
     """The server for the model repository at `repository` (see `serving.repository`)."""
     settings = settings or ServerSettings()
     options = options or AppOptions()
-    metrics = Metrics()
+    metrics = Metrics(None if options.worker is None else options.metrics_dir, options.worker or 0)
     repo = ModelRepository(repository, settings, metrics)
     state = {"ready": False, "started": time.time()}
 
-    async def poller():
-        loop = asyncio.get_running_loop()
-        repo.loop = loop
+    async def first_scan():
+        repo.loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(repo.poll)
         except Exception as err:  # a broken repository keeps the server up, not ready
@@ -177,6 +184,10 @@ def create_app(
             tensorflow_loaded="tensorflow" in sys.modules,
             keras_loaded="keras" in sys.modules,
         )
+
+    async def poller(scanned: bool):
+        if not scanned:
+            await first_scan()
         while options.poll_interval > 0:
             await asyncio.sleep(options.poll_interval)
             try:
@@ -185,14 +196,32 @@ def create_app(
                 log(logging.ERROR, "repository_scan_failed", error=f"{type(err).__name__}: {err}")
             state["ready"] = any(e.versions for e in repo.models.values())
 
+    async def snapshots():
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+            try:
+                metrics.write_snapshot()
+            except OSError as err:  # a full disk must not stop the worker
+                log(logging.WARNING, "metrics_snapshot_failed", error=repr(err))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        task = asyncio.get_running_loop().create_task(poller())
+        worker = options.worker is not None
+        if worker:  # a worker accepts connections only once warm: its siblings answer meanwhile
+            await first_scan()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(poller(scanned=worker))]
+        if worker:
+            tasks.append(loop.create_task(snapshots()))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await repo.close()
+        if worker:
+            with contextlib.suppress(OSError):
+                metrics.write_snapshot()  # the final numbers, after the drain
         log(logging.INFO, "server_stopped")
 
     app = ServerApp(
@@ -342,9 +371,11 @@ def create_app(
     async def ready():
         return Response(status_code=200 if state["ready"] else 503)
 
+    worker_header = {} if options.worker is None else {"X-Dlmodels-Worker": str(options.worker)}
+
     @app.get("/metrics", tags=["operations"])
     async def metrics_endpoint():
-        return Response(metrics.render(), media_type=metrics.content_type)
+        return Response(metrics.render(), media_type=metrics.content_type, headers=worker_header)
 
     @app.get("/v2", tags=["kserve v2"])
     async def server_metadata():
@@ -682,6 +713,54 @@ def create_app(
 
     app.openapi = openapi
     return app
+
+
+# -- a worker process of a multi-worker server (`python -m serving --workers N`) ----------
+
+
+@dataclasses.dataclass
+class WorkerPlan:
+    """What a worker process needs to build its server (pickled to it by `spawn`).
+
+    Attributes:
+        repository: the model repository directory.
+        settings: the per-model settings (its `threads` already split among the workers).
+        options: the app options; the supervisor sets `metrics_dir`, `run_worker` the index.
+        server_options: `uvicorn.Config` keyword arguments.
+        log_level: the JSON logger's level.
+    """
+
+    repository: str
+    settings: ServerSettings
+    options: AppOptions
+    server_options: dict
+    log_level: str
+
+
+def _stop_now(*_) -> None:
+    raise SystemExit(0)
+
+
+def run_worker(plan: WorkerPlan, index: int, sock) -> None:
+    """One worker process (the target `serving.__main__` starts): the app over its own copy of
+    the repository, served on the listening socket `sock` the supervisor bound."""
+    import os
+    import signal
+
+    import uvicorn
+
+    from serving._common import LOG_FIELDS, setup_logging
+
+    # A signal before uvicorn takes over, or the one uvicorn re-raises after its graceful
+    # shutdown: exit 0 at once. While serving, uvicorn's handlers drain in-flight requests.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_now)
+    LOG_FIELDS.update(worker=index, pid=os.getpid())
+    setup_logging(plan.log_level)
+    app = create_app(
+        plan.repository, plan.settings, dataclasses.replace(plan.options, worker=index)
+    )
+    uvicorn.Server(uvicorn.Config(app, **plan.server_options)).run(sockets=[sock])
 
 
 def _version() -> str:

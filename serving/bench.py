@@ -378,6 +378,16 @@ def process_cpu_s(pid: int | None = None) -> float:
         return float("nan")
 
 
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds of the server process and its children (the workers of `--workers N`)."""
+    total = process_cpu_s(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(process_cpu_s(int(c)) for c in children)
+
+
 def plan_placement(cpus: list[int], pin: str) -> dict:
     """Which cores the server and the client (with the raw reference) get.
 
@@ -607,6 +617,21 @@ def start_server(repo: Path, port: int, extra: list[str], threads: int, cpus=Non
     raise RuntimeError(f"server not ready in 300 s; see {log.name}")
 
 
+def wait_for_workers(url: str, workers: int, timeout: float = 120.0) -> None:
+    """Until /metrics lists `workers` workers (each lists itself once it serves and has written
+    its first metrics snapshot): a client connecting while only some workers listen would
+    put all its keep-alive connections on those."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        if text.count("dlmodels_worker_requests_total{") >= workers:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{workers} server workers not all up after {timeout} s")
+
+
 def _free_port() -> int:
     import socket
 
@@ -631,6 +656,9 @@ def run(args) -> dict:
     if server_cpus:  # the reference sessions' threads are created on the server's cores
         _set_affinity(server_cpus)
     threads = args.threads or default_threads()
+    if args.server_workers < 1:
+        raise SystemExit(f"--server-workers {args.server_workers}: must be >= 1")
+    worker_threads = args.threads or max(1, threads // args.server_workers)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     scratch = None
     if args.repository:
@@ -657,6 +685,8 @@ def run(args) -> dict:
             "max_queue_delay_ms": args.max_queue_delay_ms,
             "max_requests_per_cell": args.max_requests,
             "server_threads": threads,
+            "server_workers": args.server_workers,
+            "server_threads_per_worker": worker_threads,
             "pin": args.pin,
             "raw_session_config": RAW_SESSION_CONFIG,
             "raw_seconds": args.raw_seconds,
@@ -711,8 +741,12 @@ def run(args) -> dict:
         extra += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
         if batching == "off":
             extra.append("--no-dynamic-batching")
-        proc, log = start_server(repo, port, extra, threads, server_cpus)
+        if args.server_workers > 1:
+            extra += ["--workers", str(args.server_workers)]
+        proc, log = start_server(repo, port, extra, worker_threads, server_cpus)
         url = f"http://127.0.0.1:{port}"
+        if args.server_workers > 1:  # every worker listening before the clients connect
+            wait_for_workers(url, args.server_workers)
         try:
             for m in models:
                 for encoding in args.encodings.split(","):
@@ -729,7 +763,7 @@ def run(args) -> dict:
                         before = scrape(url)
                         load = os.getloadavg()
                         observed = _affinities(proc.pid)
-                        cpu = (process_cpu_s(proc.pid), process_cpu_s())
+                        cpu = (server_cpu_s(proc.pid), process_cpu_s())
                         cell = CLIENTS[client](
                             url,
                             m,
@@ -743,7 +777,7 @@ def run(args) -> dict:
                         )
                         n_ok = max(cell["ok"], 1)
                         cell["server_cpu_ms_per_request"] = (
-                            1e3 * (process_cpu_s(proc.pid) - cpu[0]) / n_ok
+                            1e3 * (server_cpu_s(proc.pid) - cpu[0]) / n_ok
                         )
                         cell["client_cpu_ms_per_request"] = 1e3 * (process_cpu_s() - cpu[1]) / n_ok
                         cell.update(server_breakdown(before, scrape(url), m))
@@ -890,6 +924,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=200_000, help="per cell")
     p.add_argument("--raw-seconds", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (server, raw)")
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="server processes (python -m serving --workers N); with N > 1 and no --threads, "
+        "each worker's sessions get max(1, threads // N) threads",
+    )
     p.add_argument(
         "--pin",
         default="auto",

@@ -7,11 +7,26 @@ scraped: prometheus_client's own metric objects take a lock and check their stat
 update, about 2 µs each, and an inference request makes about ten updates. Each metric is
 updated from one thread (request and batch metrics on the event loop, load metrics in the
 repository scan), so no lock is needed.
+
+A server with several worker processes (`--workers N`) shares its metrics through files: each
+worker writes a snapshot of its numbers (`share_dir/worker-PID.json`, written to a temporary
+name and renamed into place) every `SNAPSHOT_INTERVAL_S` and when it stops, and a scrape of any
+worker merges its own live numbers with the other workers' latest snapshots. Counters and
+histograms are summed over the workers, including workers that died (the supervisor renames
+their last snapshot to `retired-PID.json`: totals stay monotonic); gauges (queue depth,
+in-flight requests, loaded versions) get a `worker` label (the worker's index, 0..N-1, kept by
+a restarted worker) and come from live workers only; `dlmodels_worker_requests_total{worker}`
+counts the requests each worker answered. The request path does not change: the merge happens
+only on scrape, the snapshot is a few kB every half second. A single-process server (no
+`share_dir`) writes no files and renders exactly as before.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import json
+import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
@@ -38,6 +53,9 @@ _LATENCY_BUCKETS = (
     4.096,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+SNAPSHOT_INTERVAL_S = 0.5
+"""How often a worker of a multi-worker server writes its metrics snapshot."""
 
 UNKNOWN = "_unknown"
 """The `model` label of requests naming no loaded model (bounded label values under fuzzing)."""
@@ -111,24 +129,45 @@ class _Metric:
     def set(self, value: float) -> None:
         self.labels().set(value)
 
-    def family(self):
-        labels = list(self.labelnames)
-        if self.kind == "counter":
-            fam = CounterMetricFamily(self.name, self.doc, labels=labels)
-        elif self.kind == "gauge":
-            fam = GaugeMetricFamily(self.name, self.doc, labels=labels)
+    def rows(self) -> list:
+        """The series as plain lists: [labels, value] or, for a histogram, [labels, counts
+        per bucket (not cumulative), sum]."""
+        if self.kind == "histogram":
+            return [[list(k), list(s.counts), s.sum] for k, s in list(self.series.items())]
+        return [[list(k), s.value] for k, s in list(self.series.items())]
+
+    def family(self, rows=None, labelnames=None):
+        """The Prometheus family of this metric's own series, or of `rows` (as `rows()` gives
+        them) labelled `labelnames`."""
+        return _family(
+            self.kind,
+            self.name,
+            self.doc,
+            self.labelnames if labelnames is None else labelnames,
+            self.bounds,
+            self.rows() if rows is None else rows,
+        )
+
+
+def _family(kind, name, doc, labelnames, bounds, rows):
+    labels = list(labelnames)
+    if kind == "counter":
+        fam = CounterMetricFamily(name, doc, labels=labels)
+    elif kind == "gauge":
+        fam = GaugeMetricFamily(name, doc, labels=labels)
+    else:
+        fam = HistogramMetricFamily(name, doc, labels=labels)
+    for row in rows:
+        if kind == "histogram":
+            values, counts, total_sum = row
+            total, buckets = 0, []
+            for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+                total += count
+                buckets.append((floatToGoString(bound), total))
+            fam.add_metric(list(values), buckets, total_sum)
         else:
-            fam = HistogramMetricFamily(self.name, self.doc, labels=labels)
-        for values, series in list(self.series.items()):
-            if self.kind == "histogram":
-                total, buckets = 0, []
-                for bound, count in zip((*self.bounds, float("inf")), series.counts, strict=True):
-                    total += count
-                    buckets.append((floatToGoString(bound), total))
-                fam.add_metric(list(values), buckets, series.sum)
-            else:
-                fam.add_metric(list(values), series.value)
-        return fam
+            fam.add_metric(list(row[0]), row[1])
+    return fam
 
 
 class _Collector:
@@ -140,13 +179,70 @@ class _Collector:
             yield m.family()
 
 
+class _MergedCollector:
+    """The metrics of every worker of a multi-worker server (see the module docstring)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        own = self.metrics.snapshot()
+        snaps = [(own, False), *self.metrics.read_others()]
+        per_worker: dict[str, float] = {}
+        for snap, _ in snaps:
+            label = str(snap["worker"])
+            answered = sum(row[1] for row in snap["metrics"].get("dlmodels_requests", ()))
+            per_worker[label] = per_worker.get(label, 0.0) + answered
+        for m in self.metrics.all:
+            if m.kind == "gauge":  # live workers only, one series each
+                rows = [
+                    [[*labels, str(snap["worker"])], value]
+                    for snap, retired in snaps
+                    if not retired
+                    for labels, value in snap["metrics"].get(m.name, ())
+                ]
+                yield m.family(rows, (*m.labelnames, "worker"))
+                continue
+            merged: dict[tuple, list] = {}
+            for snap, _ in snaps:
+                for row in snap["metrics"].get(m.name, ()):
+                    key = tuple(row[0])
+                    have = merged.get(key)
+                    if have is None:
+                        merged[key] = [list(row[0]), *row[1:]]  # rows are fresh lists
+                    elif m.kind == "histogram":
+                        have[1] = [a + b for a, b in zip(have[1], row[1], strict=True)]
+                        have[2] += row[2]
+                    else:
+                        have[1] += row[1]
+            yield m.family(list(merged.values()))
+        fam = CounterMetricFamily(
+            "dlmodels_worker_requests",
+            "Requests answered by each worker process (its index; a restarted worker keeps it).",
+            labels=["worker"],
+        )
+        for label in sorted(per_worker, key=int):
+            fam.add_metric([label], per_worker[label])
+        yield fam
+
+
 class Metrics:
-    """The server's metrics; `render()` is the /metrics body."""
+    """The server's metrics; `render()` is the /metrics body.
+
+    Args:
+        share_dir: the directory the workers of a multi-worker server share their snapshots
+            in (None: a single-process server, nothing written).
+        worker: this worker's index (its `worker` label).
+        ident: this worker's snapshot file name part (default: the process id).
+    """
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self):
+    def __init__(self, share_dir: str | None = None, worker: int = 0, ident: str | None = None):
         self.registry = CollectorRegistry()
+        self.share_dir = share_dir
+        self.worker = worker
+        self.snapshot_name = f"worker-{ident or os.getpid()}.json"
         self.requests = _Metric(
             "counter",
             "dlmodels_requests",
@@ -210,22 +306,73 @@ class Metrics:
             ["model"],
         )
 
+        self.all = [
+            self.requests,
+            self.errors,
+            self.latency,
+            self.stage,
+            self.batch_size,
+            self.batch_requests,
+            self.queue_depth,
+            self.inflight,
+            self.loaded,
+            self.load_failures,
+        ]
         self.registry.register(
-            _Collector(
-                [
-                    self.requests,
-                    self.errors,
-                    self.latency,
-                    self.stage,
-                    self.batch_size,
-                    self.batch_requests,
-                    self.queue_depth,
-                    self.inflight,
-                    self.loaded,
-                    self.load_failures,
-                ]
-            )
+            _Collector(self.all) if share_dir is None else _MergedCollector(self)
         )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # -- multi-worker sharing -----------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """This process's numbers: {"worker": index, "pid": ..., "metrics": {name: rows}}."""
+        return {
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "metrics": {m.name: m.rows() for m in self.all},
+        }
+
+    def write_snapshot(self) -> None:
+        """Write `snapshot()` to `share_dir` (a temporary name, then renamed into place, so a
+        reader sees the previous snapshot or this one, never half of one)."""
+        if self.share_dir is None:
+            return
+        path = os.path.join(self.share_dir, self.snapshot_name)
+        tmp = os.path.join(self.share_dir, f".{self.snapshot_name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(), f, separators=(",", ":"))
+        os.replace(tmp, path)
+
+    def read_others(self) -> list[tuple[dict, bool]]:
+        """The other workers' latest snapshots: (snapshot, retired) pairs, retired for a worker
+        that is gone (its counters still count, its gauges no longer)."""
+        for _ in range(3):  # a snapshot renamed (retired) between listing and reading: relist
+            out, vanished = [], False
+            for name in sorted(os.listdir(self.share_dir)):
+                if name == self.snapshot_name or name.startswith(".") or not name.endswith(".json"):
+                    continue
+                try:
+                    with open(os.path.join(self.share_dir, name)) as f:
+                        snap = json.load(f)
+                except FileNotFoundError:
+                    vanished = True
+                    continue
+                except ValueError:  # not a snapshot of ours
+                    continue
+                out.append((snap, name.startswith("retired-")))
+            if not vanished:
+                break
+        return out
+
+
+def retire_snapshot(share_dir: str, pid: int) -> None:
+    """Mark the snapshot of worker process `pid`, which has exited, as retired (its counters
+    keep counting in every scrape, its gauges are dropped)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(
+            os.path.join(share_dir, f"worker-{pid}.json"),
+            os.path.join(share_dir, f"retired-{pid}.json"),
+        )
