@@ -1021,17 +1021,31 @@ def quantize_cmd(
             "--mode openvino",
             param_hint="--nncf-preset",
         )
+    from dlmodels.export.openvino import NNCF_PRESETS
+
+    if mode == "openvino" and nncf_preset not in NNCF_PRESETS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(NNCF_PRESETS)}, got {nncf_preset!r}",
+            param_hint="--nncf-preset",
+        )
     reduce = {"auto": None, "on": True, "off": False}.get(reduce_range.lower(), "bad")
     if reduce == "bad":
         raise typer.BadParameter(
             f"must be auto, on or off, got {reduce_range!r}", param_hint="--reduce-range"
+        )
+    if mode == "openvino" and (reduce is not None or not per_channel):
+        # NNCF picks these itself (per-channel weights; its overflow fix for CPUs without VNNI).
+        raise typer.BadParameter(
+            "--reduce-range and --no-per-channel apply to the onnxruntime modes; --mode "
+            "openvino quantizes with NNCF's own settings (choose them with --nncf-preset)",
+            param_hint="--reduce-range / --no-per-channel",
         )
     calibration = None
     if mode in ("static", "openvino"):
         if data is None:
             raise typer.BadParameter(
                 f"--mode {mode} quantization needs calibration data: pass --data "
-                "DATA.npz|FOLDER (or use --mode dynamic)",
+                "DATA.npz|FOLDER" + (" (or use --mode dynamic)" if mode == "static" else ""),
                 param_hint="--data",
             )
         _existing_file(data, "file", "--data")
@@ -1079,11 +1093,6 @@ def _quantize_openvino(onnx_path, output, calibration, preset, samples, overwrit
     """`dlmodels quantize --mode openvino`: an NNCF int8 IR, then the settings it recorded."""
     from dlmodels.export import openvino as ovx
 
-    if preset not in ovx.NNCF_PRESETS:
-        raise typer.BadParameter(
-            f"must be one of {', '.join(ovx.NNCF_PRESETS)}, got {preset!r}",
-            param_hint="--nncf-preset",
-        )
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the result
         xml = ovx.quantize_openvino(
             onnx_path, output, calibration, preset=preset, subset_size=samples, overwrite=overwrite

@@ -359,12 +359,20 @@ def test_export_without_data_checks_parity_on_random_inputs(tmp_path, tiny_model
     args = ["quantize", onnx_file, str(ir_dir), "--data", str(folder), "--mode", "openvino"]
     bad = runner.invoke(app, [*args, "--nncf-preset", "fast"])
     assert bad.exit_code == 2 and "mixed, performance" in bad.output
+    # The onnxruntime quantizer's settings are refused, not silently dropped; so is no data.
+    for extra in (["--reduce-range", "on"], ["--no-per-channel"]):
+        ignored = runner.invoke(app, [*args, *extra])
+        assert ignored.exit_code == 2 and "NNCF's own settings" in ignored.output, extra
+    no_data = runner.invoke(app, ["quantize", onnx_file, str(ir_dir), "--mode", "openvino"])
+    assert no_data.exit_code == 2 and "--mode openvino quantization needs" in no_data.output
+    assert "--mode dynamic" not in no_data.output
     assert not ir_dir.exists()
     nncf = runner.invoke(app, [*args, "--nncf-preset", "performance", "--json"])
     assert nncf.exit_code == 0, nncf.output
     settings = json.loads(nncf.stdout)
     assert settings["mode"] == "openvino" and settings["path"] == str(ir_dir)
     assert settings["calibration_samples"] == 3 and settings["preset"] == "performance"
+    assert settings["subset_size"] == 3  # NNCF's record: every loaded image calibrated
     done, total = map(int, settings["convolutions_int8"].split("/"))
     assert done == total > 0
     assert sorted(p.name for p in ir_dir.iterdir()) == ["model.bin", "model.xml"]

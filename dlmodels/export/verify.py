@@ -74,6 +74,22 @@ def int8_verdict(
     return bool(ok), " and ".join(bars) or FINITE_ONLY
 
 
+def metric_value(metric: Callable, labels, outputs) -> float:
+    """`float(metric(labels, outputs))` from a fresh state. A stateful metric (a
+    `keras.metrics.Metric`, whose call adds to a running result) is reset first, so a runtime's
+    value is its own and not the running mean over Keras' outputs and its own."""
+    reset = getattr(metric, "reset_state", None)
+    if callable(reset):
+        reset()
+    return float(metric(labels, outputs))
+
+
+def _metric_name(metric: Callable | None) -> str | None:
+    """What a metric is called: a function's `__name__`, a Keras metric's `name`, else None."""
+    name = getattr(metric, "__name__", None) or getattr(metric, "name", None)
+    return name if isinstance(name, str) else None
+
+
 def judge_outputs(
     expected: Mapping[str, np.ndarray],
     got: Mapping[str, np.ndarray],
@@ -106,8 +122,8 @@ def judge_outputs(
             values = [d[k] for k in names]
             return values[0] if len(values) == 1 else values
 
-        metric_keras = float(metric(labels, pack(expected)))
-        metric_runtime = float(metric(labels, pack(got)))
+        metric_keras = metric_value(metric, labels, pack(expected))
+        metric_runtime = metric_value(metric, labels, pack(got))
     passed, judged_by = int8_verdict(
         finite and max_err <= atol,
         agreement=agreement,
@@ -115,7 +131,7 @@ def judge_outputs(
         metric_before=metric_keras,
         metric_after=metric_runtime,
         max_metric_drop=max_metric_drop,
-        metric_name=getattr(metric, "__name__", None),
+        metric_name=_metric_name(metric),
     )
     if math.isfinite(atol):
         judged_by = f"max abs error <= {atol:g}" + (
@@ -407,8 +423,8 @@ def verify(
             values = [d[k] for k in model.output_names]
             return values[0] if len(values) == 1 else values
 
-        report.metric_keras = float(metric(labels, pack(expected)))
-        report.metric_onnx = float(metric(labels, pack(got)))
+        report.metric_keras = metric_value(metric, labels, pack(expected))
+        report.metric_onnx = metric_value(metric, labels, pack(got))
     if raise_on_fail and not report.passed:
         raise VerificationError(str(report))
     return report

@@ -246,3 +246,31 @@ def test_int8_is_judged_by_the_metric_drop_as_litert_is(monkeypatch):
         None, "x.xml", keras_out, metric=mean_logit, **{**kw, "precision": "f32"}
     )
     assert not report.passed and report.judged_by == "max abs error <= 0.0001"
+
+
+def test_a_keras_metric_object_is_scored_from_a_fresh_state(monkeypatch):
+    """A `keras.metrics.Metric` accumulates over calls: without a reset, OpenVINO's value would be
+    the running accuracy over Keras' outputs and its own (0.75 here, not 0.5), halving the drop
+    to 0.25 and passing a 0.3 bar the true drop of 0.5 fails."""
+    import keras
+
+    labels = np.array([0, 1, 2, 0])
+    keras_out = np.eye(3, dtype="float32")[labels]  # every argmax right: accuracy 1
+    wrong = keras_out.copy()
+    wrong[:2] = np.eye(3, dtype="float32")[[2, 2]]  # two of four wrong: accuracy 0.5
+    monkeypatch.setattr(ovx, "openvino_predict", lambda *a, **k: {"logits": wrong})
+    accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    kw = {"precision": "int8", "expected": {"logits": keras_out}, "labels": labels}
+    for _ in range(2):  # and no state carried over from the previous verification either
+        report = ovx.verify_openvino(
+            None, "x.xml", keras_out, metric=accuracy, min_agreement=0.0, max_metric_drop=0.3, **kw
+        )
+        assert (report.metric_keras, report.metric_openvino) == (1.0, 0.5), report
+        assert not report.passed and "accuracy drop <= 0.3" in report.judged_by, report
+
+
+def test_int8_default_agreement_is_the_shared_one():
+    """openvino.py is loaded stand-alone in its worker, so it keeps its own copy of the bar."""
+    from dlmodels.export.verify import INT8_MIN_AGREEMENT
+
+    assert ovx.INT8_MIN_AGREEMENT == INT8_MIN_AGREEMENT
