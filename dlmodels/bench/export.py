@@ -435,7 +435,8 @@ def _export_all(
                     paths["openvino_ir"],
                     tmp / "openvino_int8_nncf",
                     calibration,
-                    subset_size=len(calibration),
+                    # The samples the ORT int8 file was calibrated on (its default cap).
+                    subset_size=min(len(calibration), 256),
                     **NNCF_SETTINGS,
                 ).parent
             ),

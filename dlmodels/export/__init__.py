@@ -7,6 +7,7 @@
     write_repository                      all of the above for any functional model, one call
     to_fp16 / verify_fp16                 ONNX float16 (Resize & co kept fp32)
     to_openvino / OpenVINOModel / verify_openvino   OpenVINO IR, f32 / bf16 / int8 (optional extra)
+    quantize_openvino / nncf_settings   OpenVINO int8 IR quantized by NNCF (optional extra)
     to_litert / LiteRTModel / verify_litert   LiteRT fp32 / fp16 / int8 (ai-edge-litert, optional)
     simplify_onnx                         onnxslim simplification, parity re-checked
     write_triton_repository / write_tfserving_base_path   serving layouts from a repository
@@ -50,7 +51,13 @@ from dlmodels.export.onnx_rnn import (
     op_counts,
     replace_rnn_loops,
 )
-from dlmodels.export.openvino import OpenVINOModel, to_openvino, verify_openvino
+from dlmodels.export.openvino import (
+    OpenVINOModel,
+    nncf_settings,
+    quantize_openvino,
+    to_openvino,
+    verify_openvino,
+)
 from dlmodels.export.quantize import (
     ArrayCalibrationReader,
     QuantizeReport,
@@ -112,10 +119,12 @@ __all__ = [
     "keras_outputs",
     "model_output_kinds",
     "model_task",
+    "nncf_settings",
     "onnx_io",
     "onnx_predict",
     "op_counts",
     "quantize",
+    "quantize_openvino",
     "quantize_with_report",
     "quantized_ops",
     "replace_rnn_loops",

@@ -518,7 +518,9 @@ def write_repository(
         _remove_manifest(manifest_path)
 
     def score(outputs) -> float | None:
-        return None if metric is None else float(metric(labels, _pack(model, outputs)))
+        from dlmodels.export.verify import metric_value
+
+        return None if metric is None else metric_value(metric, labels, _pack(model, outputs))
 
     keras_metric = score(expected)
     results: list[ArtifactResult] = []

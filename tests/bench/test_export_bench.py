@@ -213,7 +213,9 @@ def test_accuracy_side_reports_every_runtime(tmp_path):
         assert rows[key]["miou"] == pytest.approx(keras_miou, abs=1e-3)
     if bench._nncf_version() is not None:
         # The NNCF IR was calibrated on the train split and scored like every row.
-        assert 0.0 <= rows["openvino_int8_nncf"]["miou"] <= 1.0
+        nncf = rows["openvino_int8_nncf"]
+        # Measured on this config: 98.0% agreement, 0.11 points drop.
+        assert nncf["argmax_agreement"] >= 0.9 and abs(nncf["miou_drop_points"]) <= 2
         assert rows["openvino_int8_nncf"]["max_abs_error_vs_keras"] > 1e-4
         assert payload["openvino_int8"]["openvino_int8_nncf"]["nncf"]["subset_size"] == 8
     for r in rows.values():

@@ -119,6 +119,43 @@ def test_metric_on_keras_and_every_artifact(model, tmp_path):
     assert not (tmp_path / "model.keras").exists()
 
 
+class RunningMeanLogit:
+    """Stateful like a `keras.metrics.Metric`: each call adds to a running mean."""
+
+    name = "running_mean_logit"
+
+    def __init__(self):
+        self.reset_state()
+
+    def reset_state(self):
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, labels, logits):
+        self.total += float(np.mean(logits))
+        self.count += 1
+        return self.total / self.count
+
+
+def test_a_stateful_metric_scores_each_artifact_on_its_own_outputs(model, tmp_path):
+    """Without a reset, the int8 file's score would be the running mean over Keras', ONNX's and
+    its own outputs."""
+    x = images(4, seed=6)
+    report = export.write_repository(
+        model,
+        tmp_path,
+        formats="onnx,int8",
+        samples=x,
+        labels=np.zeros(len(x)),
+        metric=RunningMeanLogit(),
+        calibration=images(16, seed=7),
+        int8_max_metric_drop=10.0,
+    )
+    assert report.keras_metric == pytest.approx(float(np.mean(model.predict(x, verbose=0))))
+    (int8_logits,) = export.onnx_predict(report["int8"].path, x)
+    assert report["int8"].metric == pytest.approx(float(np.mean(int8_logits)), abs=1e-6)
+    assert report["int8"].metric != pytest.approx(report.keras_metric, abs=1e-5)
+
+
 def test_refuses_existing_targets_before_any_work(model, tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(FileExistsError, match=r"manifest\.json"):
