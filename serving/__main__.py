@@ -17,7 +17,9 @@ dynamic batcher and hot-reload scan) and serve on their socket with
 `uvicorn.Server(config).run(sockets=[sock])`. SIGTERM/SIGINT to this process is passed to
 every worker as SIGTERM: each drains its in-flight requests, then this process exits 0. A worker
 that dies is logged (`worker_exited`) and restarted with the same index (more than 3N deaths in
-a minute: everything stops, exit 1). Metrics are shared through snapshot files (see
+a minute, or one index dying more than 3 times in a row within a minute of its start:
+everything stops, exit 1). A worker whose supervisor is gone (killed with SIGKILL) drains
+and exits by itself. Metrics are shared through snapshot files (see
 `serving.metrics`). Each worker's onnxruntime sessions get `--threads` threads, by default
 max(1, cores // N).
 """
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 # -- several worker processes (--workers N) -----------------------------------------------
 
 
-def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
+def bind_sockets(host: str, port: int, n: int, backlog: int = 2048) -> list[socket.socket]:
     """The listening sockets of `n` workers, all on `host:port`: one per worker with
     SO_REUSEPORT where the OS has it (Linux, BSD), so the kernel spreads new connections over
     the workers; else one socket they share. The parent keeps them open, so a restarted worker
@@ -345,6 +347,11 @@ def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
     Why not one shared socket everywhere: the worker that wakes first accepts every connection
     waiting (asyncio and uvloop accept in a loop), so a burst of keep-alive connections can all
     land on one worker: 16 benchmark connections went 0 / 16 to two workers.
+    The sockets listen at once (uvicorn's backlog, 2048): a bound socket that does not listen
+    does not hold the port on Linux (another SO_REUSEADDR socket may bind it too), so a second
+    server started while the workers load their models would pass the check below and share
+    the port. Connections the kernel gives a worker that is still warming up wait in its
+    backlog until it accepts them.
     Raises OSError when the port is taken (checked without SO_REUSEPORT, so another server
     on the port is an error, not a silent sharer)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -356,6 +363,7 @@ def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
         probe.close()
         raise
     if not hasattr(socket, "SO_REUSEPORT"):
+        probe.listen(backlog)
         probe.set_inheritable(True)
         return [probe] * n
     port = probe.getsockname()[1]
@@ -368,12 +376,37 @@ def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
+            sock.listen(backlog)
             sock.set_inheritable(True)
     except OSError:
         for sock in socks:
             sock.close()
         raise
     return socks
+
+
+class RestartBudget:
+    """When the supervisor stops restarting dead workers (and exits 1): more than 3N deaths
+    within a minute (a fast crash loop), or one worker index dying more than 3 times in a row,
+    each time less than a minute after its start (a slow crash loop, e.g. a worker that dies
+    while loading or warming up its models: it would never hit the first limit and be
+    restarted forever)."""
+
+    def __init__(self, workers: int, window_s: float = 60.0, max_in_a_row: int = 3):
+        self.workers, self.window_s, self.max_in_a_row = workers, window_s, max_in_a_row
+        self.deaths: list[float] = []
+        self.short_lives: dict[int, int] = {}
+
+    def died(self, index: int, uptime_s: float, now: float) -> str | None:
+        """Record a death; the reason to give up, or None to restart the worker."""
+        self.deaths = [t for t in self.deaths if now - t < self.window_s] + [now]
+        if len(self.deaths) > 3 * self.workers:
+            return f"{len(self.deaths)} deaths in the last {self.window_s:g} s"
+        short = self.short_lives.get(index, 0) + 1 if uptime_s < self.window_s else 0
+        self.short_lives[index] = short
+        if short > self.max_in_a_row:
+            return f"worker {index} died {short} times in a row, each < {self.window_s:g} s old"
+        return None
 
 
 def _supervise(plan, workers: int, graceful_timeout: float) -> int:
@@ -406,19 +439,23 @@ def _supervise(plan, workers: int, graceful_timeout: float) -> int:
         plan, options=dataclasses.replace(plan.options, metrics_dir=metrics_dir)
     )
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    started_at: dict[int, float] = {}
+    budget = RestartBudget(workers)
     signalled: set[int] = set()
     stopping: list[int] = []
 
-    def terminate(pid: int) -> None:
-        if pid not in signalled:
-            signalled.add(pid)
+    def terminate(p) -> None:
+        # Only a worker not yet reaped: the pid of one already reaped may belong to an
+        # unrelated process by now.
+        if p.pid not in signalled and p.exitcode is None:
+            signalled.add(p.pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(p.pid, signal.SIGTERM)
 
     def on_signal(sig, _frame) -> None:
         stopping.append(sig)
         for p in list(procs.values()):
-            terminate(p.pid)
+            terminate(p)
 
     def start(index: int) -> None:
         p = ctx.Process(
@@ -426,13 +463,14 @@ def _supervise(plan, workers: int, graceful_timeout: float) -> int:
         )
         p.start()
         procs[index] = p
+        started_at[index] = time.monotonic()
         log(logging.INFO, "worker_started", worker=index, pid=p.pid)
         if stopping:  # a signal came while it started
-            terminate(p.pid)
+            terminate(p)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     log(logging.INFO, "workers_start", workers=workers, pid=os.getpid(), metrics_dir=metrics_dir)
-    status, deaths = 0, []
+    status = 0
     try:
         for index in range(workers):
             start(index)
@@ -444,13 +482,13 @@ def _supervise(plan, workers: int, graceful_timeout: float) -> int:
                 log(logging.ERROR, "worker_exited", worker=index, pid=p.pid, exitcode=p.exitcode)
                 retire_snapshot(metrics_dir, p.pid)  # its counters stay counted
                 now = time.monotonic()
-                deaths = [t for t in deaths if now - t < 60] + [now]
-                if len(deaths) > 3 * workers:
-                    log(logging.ERROR, "workers_keep_dying", deaths_in_last_minute=len(deaths))
+                reason = budget.died(index, now - started_at[index], now)
+                if reason:
+                    log(logging.ERROR, "workers_keep_dying", worker=index, reason=reason)
                     status = 1
                     stopping.append(signal.SIGTERM)
                     for other in procs.values():
-                        terminate(other.pid)
+                        terminate(other)
                     break
                 start(index)
         log(logging.INFO, "server_stopping", signal=signal.Signals(stopping[0]).name)

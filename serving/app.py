@@ -737,6 +737,10 @@ class WorkerPlan:
     log_level: str
 
 
+SUPERVISOR_POLL_S = 1.0
+"""How often a worker checks that its supervisor is still alive."""
+
+
 def _stop_now(*_) -> None:
     raise SystemExit(0)
 
@@ -746,6 +750,7 @@ def run_worker(plan: WorkerPlan, index: int, sock) -> None:
     the repository, served on the listening socket `sock` the supervisor bound."""
     import os
     import signal
+    import threading
 
     import uvicorn
 
@@ -757,6 +762,17 @@ def run_worker(plan: WorkerPlan, index: int, sock) -> None:
         signal.signal(sig, _stop_now)
     LOG_FIELDS.update(worker=index, pid=os.getpid())
     setup_logging(plan.log_level)
+    supervisor = os.getppid()
+
+    def watch_supervisor():
+        """The supervisor killed with SIGKILL (or OOM-killed) cannot stop its workers: without
+        this they would keep serving the port, unsupervised, forever. Drain and exit."""
+        while os.getppid() == supervisor:
+            time.sleep(SUPERVISOR_POLL_S)
+        log(logging.ERROR, "supervisor_gone", supervisor_pid=supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_supervisor, name="supervisor-watch", daemon=True).start()
     app = create_app(
         plan.repository, plan.settings, dataclasses.replace(plan.options, worker=index)
     )

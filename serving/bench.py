@@ -625,7 +625,10 @@ def wait_for_workers(url: str, workers: int, timeout: float = 120.0) -> None:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
+        try:  # a connection the kernel gives a worker still warming up waits for it
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            text = ""
         if text.count("dlmodels_worker_requests_total{") >= workers:
             return
         time.sleep(0.2)

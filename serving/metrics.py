@@ -13,7 +13,9 @@ worker writes a snapshot of its numbers (`share_dir/worker-PID.json`, written to
 name and renamed into place) every `SNAPSHOT_INTERVAL_S` and when it stops, and a scrape of any
 worker merges its own live numbers with the other workers' latest snapshots. Counters and
 histograms are summed over the workers, including workers that died (the supervisor renames
-their last snapshot to `retired-PID.json`: totals stay monotonic); gauges (queue depth,
+their last snapshot to `retired-PID[-n].json`, never overwriting one: totals stay monotonic;
+a scrape writes the snapshot of the numbers it reports before merging, so a later scrape
+answered by another worker never reports less); gauges (queue depth,
 in-flight requests, loaded versions) get a `worker` label (the worker's index, 0..N-1, kept by
 a restarted worker) and come from live workers only; `dlmodels_worker_requests_total{worker}`
 counts the requests each worker answered. The request path does not change: the merge happens
@@ -187,6 +189,11 @@ class _MergedCollector:
 
     def collect(self):
         own = self.metrics.snapshot()
+        # Publish the numbers this scrape reports before reading the others: a later scrape
+        # answered by another worker then sees at least them, so no counter ever goes down
+        # between two scrapes (live numbers here, a 0.5 s old snapshot there, would).
+        with contextlib.suppress(OSError):
+            self.metrics.write_snapshot(own)
         snaps = [(own, False), *self.metrics.read_others()]
         per_worker: dict[str, float] = {}
         for snap, _ in snaps:
@@ -335,15 +342,15 @@ class Metrics:
             "metrics": {m.name: m.rows() for m in self.all},
         }
 
-    def write_snapshot(self) -> None:
-        """Write `snapshot()` to `share_dir` (a temporary name, then renamed into place, so a
-        reader sees the previous snapshot or this one, never half of one)."""
+    def write_snapshot(self, snap: dict | None = None) -> None:
+        """Write `snap` (default `snapshot()`) to `share_dir` (a temporary name, then renamed
+        into place, so a reader sees the previous snapshot or this one, never half of one)."""
         if self.share_dir is None:
             return
         path = os.path.join(self.share_dir, self.snapshot_name)
         tmp = os.path.join(self.share_dir, f".{self.snapshot_name}.tmp")
         with open(tmp, "w") as f:
-            json.dump(self.snapshot(), f, separators=(",", ":"))
+            json.dump(snap or self.snapshot(), f, separators=(",", ":"))
         os.replace(tmp, path)
 
     def read_others(self) -> list[tuple[dict, bool]]:
@@ -370,9 +377,12 @@ class Metrics:
 
 def retire_snapshot(share_dir: str, pid: int) -> None:
     """Mark the snapshot of worker process `pid`, which has exited, as retired (its counters
-    keep counting in every scrape, its gauges are dropped)."""
+    keep counting in every scrape, its gauges are dropped). A retired snapshot is never
+    overwritten: a later worker given the same (reused) process id retires under a new name.
+    Only the supervisor retires snapshots, so checking for a free name is race-free."""
+    n, dst = 0, os.path.join(share_dir, f"retired-{pid}.json")
+    while os.path.exists(dst):
+        n += 1
+        dst = os.path.join(share_dir, f"retired-{pid}-{n}.json")
     with contextlib.suppress(FileNotFoundError):
-        os.replace(
-            os.path.join(share_dir, f"worker-{pid}.json"),
-            os.path.join(share_dir, f"retired-{pid}.json"),
-        )
+        os.replace(os.path.join(share_dir, f"worker-{pid}.json"), dst)

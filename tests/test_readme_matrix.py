@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dlmodels.export import layouts, openvino, repository
 from dlmodels.export.fp16 import FP16_ATOL
+from dlmodels.export.verify import INT8_MAX_METRIC_DROP
 from dlmodels.runtime.manifest import ONNX_FORMATS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -119,7 +120,7 @@ def test_bars_are_the_code_defaults():
     for precision in ("f32", "bf16"):
         got = _bound(_openvino_row(precision)[bar], "max abs error <=")
         assert got == openvino.TOLERANCES[precision], precision
-    assert openvino.TOLERANCES["int8"] == float("inf")  # int8 is judged by agreement only
+    assert openvino.TOLERANCES["int8"] == float("inf")  # judged by agreement and metric drop
     # LiteRT rows: the bars write_repository passes to verify_litert.
     assert _bound(_row_of("litert")[bar], "max abs error <=") == DEFAULTS["atol"]
     assert _bound(_row_of("litert_fp16")[bar], "max abs error <=") == DEFAULTS["fp16_atol"]
@@ -128,6 +129,7 @@ def test_bars_are_the_code_defaults():
     assert _bound(lite_int8, "task-metric drop <=") == DEFAULTS["int8_max_metric_drop"]
     ov_int8 = _openvino_row("int8")[bar]
     assert _bound(ov_int8, "argmax agreement >=") == openvino.INT8_MIN_AGREEMENT
+    assert _bound(ov_int8, "task-metric drop <=") == INT8_MAX_METRIC_DROP
     assert "max abs error" not in ov_int8
 
 

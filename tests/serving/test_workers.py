@@ -6,6 +6,7 @@ request in flight and exits 0), and the option's validation."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,6 +82,37 @@ def test_metrics_merge_sums_counters_and_histograms_and_labels_gauges(tmp_path):
     single.write_snapshot()
     text = single.render().decode()
     assert "dlmodels_inflight_requests 1.0" in text and "worker" not in text
+
+
+def requests_total(m: Metrics) -> float:
+    return samples(m.render().decode())[
+        ("dlmodels_requests_total", (("code", "200"), ("model", "m"), ("protocol", "v2")))
+    ]
+
+
+def test_merged_counters_never_go_down_between_scrapes_of_different_workers(tmp_path):
+    a, b = Metrics(str(tmp_path), 0, ident="a"), Metrics(str(tmp_path), 1, ident="b")
+    a.requests.labels("m", "v2", "200").inc(5)
+    b.requests.labels("m", "v2", "200").inc(1)
+    a.write_snapshot()
+    b.write_snapshot()
+    b.requests.labels("m", "v2", "200").inc(2)  # not in b's periodic snapshot yet
+    # A scrape answered by b reports 5 + 3; the next one, answered by a, must not report less
+    # (a Prometheus counter that drops reads as a restart: rate() jumps).
+    first = requests_total(b)
+    assert first == 8
+    assert requests_total(a) == 8
+
+
+def test_retired_snapshots_survive_pid_reuse(tmp_path):
+    observer = Metrics(str(tmp_path), 0, ident="obs")
+    for n in (5, 2):  # two worker lives that got the same process id, both died
+        w = Metrics(str(tmp_path), 1, ident="77")
+        w.requests.labels("m", "v2", "200").inc(n)
+        w.write_snapshot()
+        retire_snapshot(str(tmp_path), "77")
+    assert sorted(os.listdir(tmp_path)) == ["retired-77-1.json", "retired-77.json"]
+    assert requests_total(observer) == 7
 
 
 def test_workers_option_is_validated(tmp_path, capsys):
@@ -202,9 +234,11 @@ def test_two_workers_share_port_metrics_restart_and_shutdown(classifier):
         raw = json.dumps(body).encode()
         result = {}
 
-        def slow_body():
+        release = threading.Event()
+
+        def slow_body():  # the second half only once the server is shutting down
             yield raw[: len(raw) // 2]
-            time.sleep(1.5)
+            release.wait(60)
             yield raw[len(raw) // 2 :]
 
         def call():
@@ -220,13 +254,20 @@ def test_two_workers_share_port_metrics_restart_and_shutdown(classifier):
 
         t = threading.Thread(target=call)
         t.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        inflight = 0
+        while time.monotonic() < deadline and inflight != 1:
             got = scrape()[1]
-            if sum(v for k, v in got.items() if k[0] == "dlmodels_inflight_requests") == 1:
+            inflight = sum(v for k, v in got.items() if k[0] == "dlmodels_inflight_requests")
+            time.sleep(0.05)
+        assert inflight == 1  # the request is in the server before the signal
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60  # both workers have begun their graceful shutdown
+        while time.monotonic() < deadline:
+            if sum(e.get("event") == "Shutting down" for e in server.events()) == 2:
                 break
             time.sleep(0.05)
-        server.proc.send_signal(signal.SIGTERM)
+        release.set()
         t.join()
         code = server.stop()
     finally:
@@ -239,6 +280,9 @@ def test_two_workers_share_port_metrics_restart_and_shutdown(classifier):
     events = server.events()
     stopped = [e for e in events if e.get("event") == "server_stopped"]
     assert sorted(e.get("worker", -1) for e in stopped) == [-1, 0, 1]
+    ready = [e for e in events if e.get("event") == "server_ready"]
+    assert len(ready) == 3  # the workers (the restarted one too) run without TF / Keras
+    assert not any(e["tensorflow_loaded"] or e["keras_loaded"] for e in ready)
     assert stopped[-1]["status"] == 0
     assert [e["exitcode"] for e in events if e.get("event") == "worker_stopped"] == [0, 0]
     # Each worker (the restarted one too) accepted connections only once warm: uvicorn
@@ -250,3 +294,70 @@ def test_two_workers_share_port_metrics_restart_and_shutdown(classifier):
         assert mine.index("server_ready") < mine.index("Application startup complete."), pid
     start = next(e for e in events if e.get("event") == "workers_start")
     assert not os.path.exists(start["metrics_dir"])  # the snapshots are cleaned up
+
+
+def test_workers_exit_when_their_supervisor_is_killed(classifier):
+    repo, _ = classifier
+    server = ServerProcess(repo, "--workers", "2", "--poll-interval", "0")
+    try:
+        pids = [e["pid"] for e in server.events() if e.get("event") == "worker_started"]
+        assert len(pids) == 2
+        server.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+        server.proc.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            gone = [e for e in server.events() if e.get("event") == "supervisor_gone"]
+            stopped = [e for e in server.events() if e.get("event") == "server_stopped"]
+            if len(gone) == 2 and len(stopped) == 2:
+                break
+            time.sleep(0.1)
+        assert sorted(e["pid"] for e in gone) == sorted(pids)
+        assert sorted(e["pid"] for e in stopped) == sorted(pids)
+        with pytest.raises(httpx.ConnectError):  # nobody serves the port any more
+            httpx.get(f"{server.url}/v2/health/live", timeout=5)
+    finally:
+        server.stop()
+        for pid in pids:  # never leave a worker behind, whatever failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_restart_budget_stops_fast_and_slow_crash_loops():
+    from serving.__main__ import RestartBudget
+
+    # Slow: worker 0 dies 30 s after each start (a long load), 40 s apart: never 7 deaths in
+    # a minute, but the 4th short life in a row gives up.
+    budget = RestartBudget(2)
+    assert [budget.died(0, 30.0, 40.0 * i) for i in range(3)] == [None] * 3
+    assert "worker 0 died 4 times in a row" in budget.died(0, 30.0, 120.0)
+    # A life of a minute or more resets the count; other indices count on their own.
+    budget = RestartBudget(2)
+    for i, (index, uptime) in enumerate([(0, 5), (0, 5), (0, 5), (0, 61), (1, 5), (0, 5)]):
+        assert budget.died(index, float(uptime), 100.0 * i) is None
+    # Fast: more than 3N = 6 deaths in a minute, over both workers.
+    budget = RestartBudget(2)
+    assert [budget.died(i % 2, 1.0, float(i)) for i in range(6)] == [None] * 6
+    assert "7 deaths in the last 60 s" in budget.died(0, 1.0, 6.0)
+
+
+def test_bind_sockets_share_one_port_but_never_a_port_in_use():
+    import socket
+
+    from serving.__main__ import bind_sockets
+
+    socks = bind_sockets("127.0.0.1", 0, 2)
+    try:
+        assert len({id(s) for s in socks}) == 2  # one socket per worker (Linux: SO_REUSEPORT)
+        port = socks[0].getsockname()[1]
+        assert socks[1].getsockname()[1] == port
+        # Another multi-worker server on that port (its sockets have SO_REUSEPORT too): refused.
+        with pytest.raises(OSError):
+            bind_sockets("127.0.0.1", port, 2)
+    finally:
+        for s in socks:
+            s.close()
+    with socket.socket() as busy:  # any other listener: refused too
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError):
+            bind_sockets("127.0.0.1", busy.getsockname()[1], 2)
