@@ -42,8 +42,11 @@ does more work there. Three pairings are measured under several replicas (`--syn
 "on" (the Trainer's default SyncBN against `fit` with per-replica BatchNorm: what a user gets
 from each by default), "off" (both per-replica: the same work) and "keras" (both synchronised:
 the Trainer's SyncBN against `fit` of the same model with Keras' own
-`BatchNormalization(synchronized=True)`, the same training maths, so the two copies' weights
-stay close: `weights_max_abs_diff`).
+`BatchNormalization(synchronized=True)`: the same training maths, computed differently).
+`weights_max_abs_diff` is how far apart the two copies ended: 0 when both run the same ops
+("off", one device); under "keras" each step differs by rounding (about 1e-7 after a step,
+tests/bench/test_training_bench.py), which hundreds of steps on random data can amplify into
+weights that differ as much as under "on".
 
 Results go to `benchmarks/results/training.json` (`write_results`, with `machine_info()`).
 Numbers from a busy machine are noisy; rerun on a quiet one:

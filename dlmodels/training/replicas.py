@@ -45,13 +45,18 @@ def batch_norm_layers(models):
 
 def synced_moments(x, axes):
     """Mean and variance of `x` over `axes` across all replicas of the current replica context,
-    computed in two passes like `tf.nn.moments` on one device: one all-reduce of [sum, count]
-    gives the global mean, a second one the sum of squared deviations from it. (Keras'
-    `synchronized=True` uses E[x^2] - E[x]^2, three all-reduces and a reduction over a tensor of
-    ones as large as the activations; in float32 that difference cancels to 0 when the mean is
-    large against the spread, e.g. 1000 + N(0, 0.01^2) gives variance 0.) 16-bit inputs are
-    computed in float32, and the results clipped and cast back, as Keras' `ops.moments` does.
-    Outside a replica context (or with one replica) it is `tf.nn.moments`.
+    with one all-reduce and no cancellation: each replica takes its own count, mean and sum of
+    squared deviations M2 (two passes over its data, like `tf.nn.moments`) and writes them into
+    its row of a [replicas, 1 + 2 * channels] table; one all-reduce (a sum of tables that are
+    zero outside each replica's row) gives every replica all rows, and the rows are combined
+    with the parallel-variance formula (Chan, Golub and LeVeque, "Updating Formulae and a
+    Pairwise Algorithm for Computing Sample Variances", 1979): mean = sum(n_r m_r) / N,
+    M2 = sum(M2_r) + sum(n_r (m_r - mean)^2). (Keras' `synchronized=True` uses E[x^2] - E[x]^2,
+    three all-reduces and a reduction over a tensor of ones as large as the activations; in
+    float32 that difference cancels to 0 when the mean is large against the spread, e.g.
+    1000 + N(0, 0.01^2) gives variance 0.) 16-bit inputs are computed in float32, and the
+    results clipped and cast back, as Keras' `ops.moments` does. Outside a replica context (or
+    with one replica) it is `tf.nn.moments`.
 
     Args:
         x: a tensor.
@@ -68,16 +73,25 @@ def synced_moments(x, axes):
     if ctx is None or ctx.num_replicas_in_sync == 1:
         mean, variance = tf.nn.moments(x, axes)
     else:
-        reduce = tf.distribute.ReduceOp.SUM
         local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
         kept_shape = tf.shape(local_sum)
         # int64 product: exact past 2**24 elements per replica.
         count = tf.cast(tf.reduce_prod(tf.cast(tf.gather(tf.shape(x), axes), tf.int64)), x.dtype)
-        total = ctx.all_reduce(reduce, tf.concat([tf.reshape(local_sum, [-1]), [count]], 0))
-        total_count = total[-1]
-        mean = tf.reshape(tf.math.divide_no_nan(total[:-1], total_count), kept_shape)
-        squares = tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True)
-        variance = tf.math.divide_no_nan(ctx.all_reduce(reduce, squares), total_count)
+        local_mean = tf.math.divide_no_nan(local_sum, count)  # 0 for an empty replica batch
+        # d/dx sum((x - m)^2) through m is 0 (the deviations sum to 0), as in tf.nn.moments.
+        local_m2 = tf.reduce_sum(
+            tf.square(x - tf.stop_gradient(local_mean)), axis=axes, keepdims=True
+        )
+        row = tf.concat([[count], tf.reshape(local_mean, [-1]), tf.reshape(local_m2, [-1])], 0)
+        mine = tf.one_hot(ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync, dtype=x.dtype)
+        table = ctx.all_reduce(tf.distribute.ReduceOp.SUM, mine[:, None] * row[None, :])
+        counts, stats = table[:, :1], table[:, 1:]
+        means, m2s = tf.split(stats, 2, axis=1)
+        total_count = tf.reduce_sum(counts)
+        mean = tf.math.divide_no_nan(tf.reduce_sum(counts * means, 0), total_count)
+        m2 = tf.reduce_sum(m2s, 0) + tf.reduce_sum(counts * tf.square(means - mean), 0)
+        mean = tf.reshape(mean, kept_shape)
+        variance = tf.reshape(tf.math.divide_no_nan(m2, total_count), kept_shape)
         mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
     if dtype in (tf.float16, tf.bfloat16):
         mean = tf.cast(tf.clip_by_value(mean, tf.float16.min, tf.float16.max), dtype)
@@ -103,8 +117,8 @@ def synchronized_batch_norm(models, enabled=True):
     """Run every BatchNormalization in `models` with synchronized batch moments inside the block.
 
     Keras reads the layer when a step is traced, so wrapping every call of a `tf.function` step
-    makes all its traces all-reduce the batch moments across replicas (`synced_moments`, two
-    all-reduces per layer; masked inputs and subclasses with their own `_moments` go through
+    makes all its traces all-reduce the batch moments across replicas (`synced_moments`, one
+    all-reduce per layer; masked inputs and subclasses with their own `_moments` go through
     Keras' `synchronized=True`). The previous
     state is restored on exit, so saved configs (`get_config`) do not change.
 

@@ -177,8 +177,9 @@ def test_stochastic_depth_masks_differ_across_replicas():
 
 
 def test_synced_moments_equal_keras_synchronized_moments_and_gradients():
-    """One packed all-reduce gives Keras' synchronized moments (three all-reduces) and their
-    gradients, per replica, on different data per replica; in bfloat16 too."""
+    """One all-reduce gives Keras' synchronized moments (three all-reduces) and their
+    gradients, per replica, on different data per replica; in bfloat16 too; the global batch's
+    moments with uneven (and empty) replica batches."""
     from keras.src.backend.tensorflow.nn import moments as keras_moments
 
     from dlmodels.training.replicas import synced_moments
@@ -213,8 +214,21 @@ def test_synced_moments_equal_keras_synchronized_moments_and_gradients():
     for mean, var in zip(ours[0], ours[1], strict=True):
         np.testing.assert_allclose(mean, everything.mean(0), atol=1e-5)
         np.testing.assert_allclose(var, everything.var(0), atol=1e-4)
+    # Uneven replica batches (the last batch of an epoch split unevenly), one of them empty:
+    # each replica's count weighs its mean and M2 (Chan et al.'s combination).
+    for rows in ((1, 3), (0, 3)):
+
+        def uneven(x, rows=rows):
+            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return synced_moments(x[: tf.gather(tf.constant(rows), rid)], [0, 1, 2])
+
+        mean, var = per_replica(uneven, tf.float32)[:2]
+        kept = np.concatenate([data[r, :n] for r, n in enumerate(rows)]).reshape(-1, 6)
+        for m, v in zip(mean, var, strict=True):
+            np.testing.assert_allclose(m, kept.mean(0), atol=1e-5)
+            np.testing.assert_allclose(v, kept.var(0), atol=1e-4)
     # A large mean against a small spread: E[x^2] - E[x]^2 (Keras') cancels to 0 in float32;
-    # the two-pass moments keep the variance (as tf.nn.moments does on one device).
+    # per-replica two-pass moments combined keep the variance (as tf.nn.moments on one device).
     data = (1000.0 + 0.01 * rng.normal(size=(2, 3, 5, 4, 6))).astype("float32")
     want = data.reshape(-1, 6).astype("float64").var(0)
     ours = per_replica(lambda x: synced_moments(x, [0, 1, 2]), tf.float32)
