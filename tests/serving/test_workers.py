@@ -302,6 +302,15 @@ def test_workers_exit_when_their_supervisor_is_killed(classifier):
     try:
         pids = [e["pid"] for e in server.events() if e.get("event") == "worker_started"]
         assert len(pids) == 2
+        # Both workers running their own code first: a worker whose parent dies while spawn is
+        # still handing it its arguments just fails to start (no orphan, nothing to log).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready = {e["pid"] for e in server.events() if e.get("event") == "server_ready"}
+            if ready >= set(pids):
+                break
+            time.sleep(0.1)
+        assert ready >= set(pids)
         server.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
         server.proc.wait()
         deadline = time.monotonic() + 60
