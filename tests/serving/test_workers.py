@@ -24,6 +24,17 @@ from serving.metrics import Metrics, retire_snapshot
 from tests.serving._server import ServerProcess
 
 
+def events_named(server: ServerProcess, name: str) -> list[dict]:
+    return [e for e in server.events() if e.get("event") == name]
+
+
+def wait_until(done, timeout: float = 60.0, every: float = 0.1) -> None:
+    """Poll `done()` until it is true or `timeout` seconds passed (the caller then asserts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
+        time.sleep(every)
+
+
 def samples(text: str) -> dict:
     """{(sample name, sorted label items): value} of a Prometheus text exposition."""
     out = {}
@@ -209,16 +220,16 @@ def test_two_workers_share_port_metrics_restart_and_shutdown(classifier):
             )
             assert got[key] == sent
         # Kill worker 0: it is restarted under the same index, its counts stay counted.
-        pid = next(e["pid"] for e in server.events() if e.get("event") == "worker_started")
+        pid = events_named(server, "worker_started")[0]["pid"]
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            started = [e for e in server.events() if e.get("event") == "worker_started"]
-            ready = [e for e in server.events() if e.get("event") == "server_ready"]
-            if len(started) == 3 and len(ready) == 3:
-                break
-            time.sleep(0.1)
-        exited = [e for e in server.events() if e.get("event") == "worker_exited"]
+        wait_until(
+            lambda: (
+                len(events_named(server, "worker_started")) == 3
+                and len(events_named(server, "server_ready")) == 3
+            )
+        )
+        started = events_named(server, "worker_started")
+        exited = events_named(server, "worker_exited")
         assert [(e["worker"], e["pid"], e["exitcode"]) for e in exited] == [
             (0, pid, -signal.SIGKILL)
         ]
@@ -254,19 +265,16 @@ def test_two_workers_share_port_metrics_restart_and_shutdown(classifier):
 
         t = threading.Thread(target=call)
         t.start()
-        deadline = time.monotonic() + 60
-        inflight = 0
-        while time.monotonic() < deadline and inflight != 1:
+
+        def inflight():
             got = scrape()[1]
-            inflight = sum(v for k, v in got.items() if k[0] == "dlmodels_inflight_requests")
-            time.sleep(0.05)
-        assert inflight == 1  # the request is in the server before the signal
+            return sum(v for k, v in got.items() if k[0] == "dlmodels_inflight_requests")
+
+        wait_until(lambda: inflight() == 1, every=0.05)
+        assert inflight() == 1  # the request is in the server before the signal
         server.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 60  # both workers have begun their graceful shutdown
-        while time.monotonic() < deadline:
-            if sum(e.get("event") == "Shutting down" for e in server.events()) == 2:
-                break
-            time.sleep(0.05)
+        # Both workers have begun their graceful shutdown.
+        wait_until(lambda: len(events_named(server, "Shutting down")) == 2, every=0.05)
         release.set()
         t.join()
         code = server.stop()
@@ -304,22 +312,18 @@ def test_workers_exit_when_their_supervisor_is_killed(classifier):
         assert len(pids) == 2
         # Both workers running their own code first: a worker whose parent dies while spawn is
         # still handing it its arguments just fails to start (no orphan, nothing to log).
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready = {e["pid"] for e in server.events() if e.get("event") == "server_ready"}
-            if ready >= set(pids):
-                break
-            time.sleep(0.1)
-        assert ready >= set(pids)
+        wait_until(lambda: {e["pid"] for e in events_named(server, "server_ready")} >= set(pids))
+        assert {e["pid"] for e in events_named(server, "server_ready")} >= set(pids)
         server.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
         server.proc.wait()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            gone = [e for e in server.events() if e.get("event") == "supervisor_gone"]
-            stopped = [e for e in server.events() if e.get("event") == "server_stopped"]
-            if len(gone) == 2 and len(stopped) == 2:
-                break
-            time.sleep(0.1)
+        wait_until(
+            lambda: (
+                len(events_named(server, "supervisor_gone")) == 2
+                and len(events_named(server, "server_stopped")) == 2
+            )
+        )
+        gone = events_named(server, "supervisor_gone")
+        stopped = events_named(server, "server_stopped")
         assert sorted(e["pid"] for e in gone) == sorted(pids)
         assert sorted(e["pid"] for e in stopped) == sorted(pids)
         with pytest.raises(httpx.ConnectError):  # nobody serves the port any more
