@@ -5,7 +5,8 @@ In one run for one model (random weights: latency does not depend on them): Tens
 (`dlmodels.export.fp16`), OpenVINO fp32 / bf16 (IR from the same ONNX file) / int8 (the same QDQ
 file, and an IR quantized by NNCF on the same calibration set,
 `dlmodels.export.openvino.quantize_openvino`), at batch 1 and 32, with fixed threads, warm-up,
-interleaved rounds, median and p90.
+interleaved rounds, median and p90. The OpenVINO rows run models compiled for the timed batch
+(static shapes, `--openvino-batch static`, the default; `dynamic` compiles once for any batch).
 Each row reports achieved GOP/s (2 x MACs per image x batch / median latency; MACs from
 `dlmodels.bench.flops.count_macs`; `effective_gops` from its effective count, which leaves out
 convolution taps that read padding) against a peak measured in the same run: a large square
@@ -444,26 +445,36 @@ def _export_all(
     return paths, seconds, int8_settings
 
 
-def _predictors(model, paths: Mapping[str, Path], threads: int) -> dict:
+def _predictors(
+    model, paths: Mapping[str, Path], threads: int, openvino_batch: int | None = None
+) -> dict:
+    """Every runtime's predictor; the OpenVINO ones compiled for a static batch when
+    `openvino_batch` is an int (`OpenVINOModel(batch_size=...)`), else for any batch."""
     from dlmodels.bench.harness import keras_predictor, ort_predictor
-    from dlmodels.export import openvino as ovx
 
-    preds = {
+    return {
         "tf": keras_predictor(model),
         "ort_fp32": ort_predictor(paths["onnx"], threads),
         "ort_int8": ort_predictor(paths["int8"], threads),
         "ort_fp16": ort_predictor(paths["fp16"], threads),
-        "openvino_fp32": ovx.OpenVINOModel(paths["openvino_ir"], precision="f32", threads=threads),
-        "openvino_int8": ovx.OpenVINOModel(paths["int8"], precision="int8", threads=threads),
+        **_openvino_predictors(paths, threads, openvino_batch),
+    }
+
+
+def _openvino_predictors(paths: Mapping[str, Path], threads: int, batch: int | None) -> dict:
+    from dlmodels.export import openvino as ovx
+
+    def compiled(key, precision):
+        return ovx.OpenVINOModel(paths[key], precision=precision, threads=threads, batch_size=batch)
+
+    preds = {
+        "openvino_fp32": compiled("openvino_ir", "f32"),
+        "openvino_int8": compiled("int8", "int8"),
     }
     if ovx.supports_bf16():
-        preds["openvino_bf16"] = ovx.OpenVINOModel(
-            paths["openvino_ir"], precision="bf16", threads=threads
-        )
+        preds["openvino_bf16"] = compiled("openvino_ir", "bf16")
     if "openvino_int8_nncf" in paths:
-        preds["openvino_int8_nncf"] = ovx.OpenVINOModel(
-            paths["openvino_int8_nncf"], precision="int8", threads=threads
-        )
+        preds["openvino_int8_nncf"] = compiled("openvino_int8_nncf", "int8")
     return preds
 
 
@@ -517,6 +528,7 @@ def run(
     seed: int = 0,
     profile: bool = False,
     profile_iters: int = 5,
+    openvino_batch: str = "static",
     verbose: bool = True,
 ) -> dict:
     """Export one model to every precision, time each runtime at each batch, write the JSON.
@@ -539,6 +551,11 @@ def run(
             timings, so the profiler never slows a timed call) and put the per-op-type times
             side by side (`compare_profiles`) under "profiles".
         profile_iters: profiled calls per runtime and batch.
+        openvino_batch: "static" (default): at each batch the OpenVINO rows run models compiled
+            for that batch (`OpenVINOModel(batch_size=batch)`, what a deployment with a known
+            batch does; the IR and ONNX files keep their dynamic batch); "dynamic": compiled
+            once for any batch. onnxruntime and TF always run the dynamic-batch files
+            (onnxruntime fp32 with the batch fixed in the file measured within 1% here).
 
     Returns:
         The payload written: settings, MACs, peaks, load averages, the int8 file's quantization
@@ -563,6 +580,8 @@ def run(
             raise UserError(f"{name} must be an int >= 1, got {value!r}")
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise UserError(f"batches must be ints >= 1, got {list(batches)!r}")
+    if openvino_batch not in ("static", "dynamic"):
+        raise UserError(f"openvino_batch must be 'static' or 'dynamic', got {openvino_batch!r}")
     threads = default_threads() if threads is None else int(threads)
     load_before = list(os.getloadavg())
     tf_threads = _set_tf_threads(threads)
@@ -615,6 +634,10 @@ def run(
         predictors = _predictors(model, paths, threads)
         openvino_int8 = _openvino_int8_info(predictors)
         for batch in track(list(batches), f"timing {model_name}"):
+            if openvino_batch == "static":
+                for key in [k for k in predictors if k.startswith("openvino_")]:
+                    del predictors[key]  # the previous batch's compiled models, freed first
+                predictors.update(_openvino_predictors(paths, threads, batch))
             x = rng.uniform(0, 1, (batch, *input_shape)).astype(np.float32)
             reference = np.asarray(model(x, training=False))
             n = iters if batch == 1 else iters_large
@@ -650,6 +673,8 @@ def run(
                     "speedup_vs_tf": base_tf / t["p50_ms"],
                     "artifact": art,
                     "size_bytes": sizes.get(art) if art else None,
+                    # OpenVINO: the batch the model was compiled for (None: any batch).
+                    "compiled_batch": getattr(predictors[key], "batch_size", None),
                     **_parity(reference, np.asarray(predictors[key](x))),
                 }
                 rows.append(row)
@@ -703,6 +728,7 @@ def run(
         "effective_macs_per_image": int(effective_macs),
         "weights": f"random (seed {seed}); int8 calibrated on {calibration_samples} random images",
         "threads": {"runtimes": threads, "tensorflow": tf_threads},
+        "openvino_batch": openvino_batch,
         "timing": {
             "warmup": warmup,
             "iters_batch1": iters,
@@ -899,6 +925,13 @@ def main(argv=None):
     )
     parser.add_argument("--profile-iters", type=int, default=5)
     parser.add_argument(
+        "--openvino-batch",
+        choices=("static", "dynamic"),
+        default="static",
+        help="compile the OpenVINO models for each timed batch (static, default) or once for "
+        "any batch (dynamic)",
+    )
+    parser.add_argument(
         "--accuracy",
         action="store_true",
         help="instead of latency: train the demo U-Net briefly and report each precision's mIoU",
@@ -924,6 +957,7 @@ def main(argv=None):
         seed=args.seed,
         profile=args.profile,
         profile_iters=args.profile_iters,
+        openvino_batch=args.openvino_batch,
     )
 
 

@@ -305,6 +305,30 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+def _static_batch(core, path: Path, batch_size: int):
+    """The model at `path` read and reshaped so that every input's first dimension is
+    `batch_size` (an `openvino.Model` ready to compile)."""
+    model = core.read_model(str(path))
+    shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        if shape.rank.is_dynamic or shape.rank.get_length() == 0:
+            raise UserError(
+                f"batch_size={batch_size} needs a batch dimension, but input "
+                f"{port.get_any_name()!r} of {path.name} has shape {shape}; use batch_size=None"
+            )
+        shape[0] = batch_size
+        shapes[port.get_any_name()] = shape
+    try:
+        model.reshape(shapes)
+    except RuntimeError as e:
+        raise UserError(
+            f"{path.name} cannot be reshaped to batch {batch_size} ({str(e).splitlines()[0]}); "
+            "use batch_size=None"
+        ) from e
+    return model
+
+
 class OpenVINOModel:
     """An OpenVINO CPU compiled model with named inputs and outputs.
 
@@ -313,10 +337,18 @@ class OpenVINOModel:
         precision: "f32", "bf16" or "int8" (see the module docstring).
         threads: INFERENCE_NUM_THREADS (None: the CPUs this process may use).
         performance_hint: "LATENCY" (one stream, default) or "THROUGHPUT".
+        batch_size: None (default) compiles the file as it is (a dynamic batch stays dynamic:
+            any batch runs); an int N fixes the first dimension of every input to N before
+            compiling (`Model.reshape`). With static shapes the CPU plugin plans its memory and
+            picks its kernels once, at compile time, instead of on every call. Measured here
+            (2 threads, NNCF int8 IRs, median of 4-10 calls): 2-8% faster (DeepLabV3+ batch 32
+            532 -> 497 ms, U-Net batch 1 4.7 -> 4.3 ms, ResNet-50 batch 32 140 -> 136 ms);
+            onnxruntime gains nothing from the same fix (fp32 within 1%). Calls with
+            another batch are refused: compile one model per batch size you serve.
 
     Attributes:
-        path, precision, threads, input_names, output_names, compiled (the CompiledModel),
-        config (the properties it was compiled with).
+        path, precision, threads, batch_size, input_names, output_names, compiled (the
+        CompiledModel), config (the properties it was compiled with).
     """
 
     def __init__(
@@ -326,9 +358,18 @@ class OpenVINOModel:
         precision: str = "f32",
         threads: int | None = None,
         performance_hint: str = "LATENCY",
+        batch_size: int | None = None,
     ):
         self.path = _resolve(path)
         self.precision = check_precision(precision)
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
+            raise UserError(
+                f"batch_size must be an int >= 1 (a static batch) or None (the file's own "
+                f"batch dimension), got {batch_size!r}"
+            )
+        self.batch_size = batch_size
         if threads is not None and (
             not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
         ):
@@ -359,14 +400,18 @@ class OpenVINOModel:
         }
         if performance_hint == "LATENCY":
             self.config["NUM_STREAMS"] = 1
-        self.compiled = core.compile_model(str(self.path), "CPU", self.config)
+        source = (
+            str(self.path) if batch_size is None else _static_batch(core, self.path, batch_size)
+        )
+        self.compiled = core.compile_model(source, "CPU", self.config)
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
         self._request = self.compiled.create_infer_request()
 
     def __repr__(self) -> str:
+        batch = "" if self.batch_size is None else f", batch_size={self.batch_size}"
         return (
-            f"OpenVINOModel({str(self.path)!r}, precision={self.precision!r}, "
+            f"OpenVINOModel({str(self.path)!r}, precision={self.precision!r}{batch}, "
             f"inputs={self.input_names}, outputs={self.output_names})"
         )
 
@@ -387,6 +432,15 @@ class OpenVINOModel:
         arrays by input name: float64 (numpy's default, parsed JSON) becomes float32; other
         dtypes pass as given, for OpenVINO to take or refuse."""
         feeds = match_feeds(inputs, self.input_names, owner=self.path.name)
+        if self.batch_size is not None:
+            for name, array in feeds.items():
+                if array.ndim == 0 or array.shape[0] != self.batch_size:
+                    got = "a scalar" if array.ndim == 0 else f"batch {array.shape[0]}"
+                    raise UserError(
+                        f"input {name!r} has {got}, but this model was compiled for batch "
+                        f"{self.batch_size} (batch_size={self.batch_size}); pass batches of "
+                        f"{self.batch_size}, or compile with batch_size=None for any batch"
+                    )
         return {n: a.astype(np.float32) if a.dtype == np.float64 else a for n, a in feeds.items()}
 
     def run(self, inputs) -> dict[str, np.ndarray]:

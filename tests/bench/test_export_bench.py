@@ -99,6 +99,11 @@ def test_every_row_present_and_consistent(tmp_path):
         assert "openvino_int8_nncf" not in payload["openvino_int8"]
     assert len(payload["load_average_before"]) == 3 and len(payload["load_average_after"]) == 3
     assert payload["threads"]["runtimes"] == 1
+    # OpenVINO ran models compiled for each timed batch (static shapes), the others any batch.
+    assert payload["openvino_batch"] == "static"
+    for (key, batch), r in rows.items():
+        if "skipped" not in r:
+            assert r["compiled_batch"] == (batch if key.startswith("openvino_") else None), key
     assert np.isfinite(payload["params"])
     # The int8 file's coverage: every conv of the tiny U-Net quantized.
     cov = payload["int8_quantization"]["coverage"]
@@ -185,6 +190,8 @@ def test_bad_arguments():
         bench.run("unet", output=None, iters=0, verbose=False)
     with pytest.raises(ValueError, match="batches must be ints"):
         bench.run("unet", output=None, batches=(), verbose=False)
+    with pytest.raises(ValueError, match="openvino_batch must be 'static' or 'dynamic'"):
+        bench.run("unet", output=None, openvino_batch="fixed", verbose=False)
 
 
 def test_accuracy_side_reports_every_runtime(tmp_path):

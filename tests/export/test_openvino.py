@@ -75,6 +75,24 @@ def test_ort_qdq_int8_file_runs_int8_in_openvino(model, int8_file, samples, tmp_
     np.testing.assert_allclose(same, onnx_out, atol=1e-5)
 
 
+def test_static_batch_computes_the_same_and_refuses_other_batches(ir_dir, samples):
+    x, _ = samples  # 6 images
+    dynamic = ovx.OpenVINOModel(ir_dir, precision="f32", threads=1)
+    static = ovx.OpenVINOModel(ir_dir, precision="f32", threads=1, batch_size=3)
+    # The compiled graph really has a fixed batch (the dynamic one keeps "?").
+    assert dynamic.compiled.inputs[0].get_partial_shape().is_dynamic
+    shape = static.compiled.inputs[0].get_partial_shape()
+    assert shape.is_static and shape.to_shape()[0] == 3
+    assert static.batch_size == 3 and "batch_size=3" in repr(static)
+    for half in (x[:3], x[3:]):
+        np.testing.assert_allclose(static(half), dynamic(half), atol=1e-6)
+    with pytest.raises(ValueError, match=r"input 'image' has batch 6, .*compiled for batch 3"):
+        static(x)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"batch_size must be an int >= 1"):
+            ovx.OpenVINOModel(ir_dir, threads=1, batch_size=bad)
+
+
 def test_over_budget_fails(model, ir_dir, samples):
     x, expected = samples
     report = ovx.verify_openvino(model, ir_dir, x, precision="bf16", atol=1e-6, expected=expected)
