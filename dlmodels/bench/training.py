@@ -43,6 +43,18 @@ does more work there. Three pairings are measured under several replicas (`--syn
 from each by default), "off" (both per-replica: the same work) and "keras" (both synchronised:
 the Trainer's SyncBN against `fit` of the same model with Keras' own
 `BatchNormalization(synchronized=True)`: the same training maths, computed differently).
+Steps per `tf.function` call (`--steps-per-execution N`, default 1): the Trainer runs with
+`Trainer(..., steps_per_execution=N)` (N steps inside one call, reading their batches from the
+distributed iterator; an epoch whose steps N does not divide ends with a shorter call), and
+`fit` gets the same `compile(steps_per_execution=N)` wherever Keras supports it: one device.
+Under `MirroredStrategy` Keras 3.15's `fit` fails with N > 1 (`InvalidArgumentError: You must
+feed a value for placeholder tensor '.../while/cond/Placeholder'`, see
+`fit_supports_steps_per_execution`), so there it keeps 1 step per call while the Trainer runs
+N: a capability the Trainer has and `fit` lacks there, not a handicap the benchmark adds
+(`fit` gets every N it can run). Each row records what each side ran
+(`trainer_steps_per_execution`, `fit_steps_per_execution`, read back from the Trainer and the
+compiled model). Where `fit` gets N, `--steps` must be a multiple of N (on a repeated dataset
+Keras runs whole executions, so its epochs would be longer).
 `weights_max_abs_diff` is how far apart the two copies ended: 0 when both run the same ops
 ("off", one device); under "keras" each step differs by rounding (about 1e-7 after a step,
 tests/bench/test_training_bench.py), which hundreds of steps on random data can amplify into
@@ -314,6 +326,39 @@ class EpochClock:
         }
 
 
+def fit_supports_steps_per_execution(strategy) -> bool:
+    """Whether Keras' `fit` may run several steps per call under `strategy`.
+
+    Keras 3.15's `fit` with `compile(steps_per_execution=N > 1)` under `MirroredStrategy` (2
+    logical CPUs, a small model with BatchNorm) fails on its first call with
+    `InvalidArgumentError: You must feed a value for placeholder tensor
+    '.../while/cond/Placeholder' with dtype int32` (its multi-step `tf.while_loop` over the
+    distributed iterator's `get_next_as_optional`); without a strategy it trains exactly as
+    N = 1 does (the same weights). So `fit` gets N only with one replica and no
+    `MirroredStrategy`.
+    """
+    import tensorflow as tf
+
+    return strategy.num_replicas_in_sync == 1 and not isinstance(
+        strategy, tf.distribute.MirroredStrategy
+    )
+
+
+def _check_fit_steps_per_execution(n, steps, strategy, *, owner):
+    """The `steps_per_execution` `fit` gets under `strategy` (n or 1); raise a ValueError if
+    `fit` gets n > 1 and `steps` is not a multiple of it: on a repeated dataset Keras runs
+    whole executions, so its epochs would run more steps than the Trainer's (which ends each
+    epoch with a shorter call)."""
+    fit_n = n if fit_supports_steps_per_execution(strategy) else 1
+    if steps % fit_n:
+        raise ValueError(
+            f"{owner}: `steps_per_execution`={n!r} must divide `steps`={steps!r} where "
+            f"`fit` gets it too (one device): Keras would run {-(-steps // fit_n) * fit_n} "
+            f"steps per epoch. Pass a divisor of {steps}, e.g. steps_per_execution={steps}."
+        )
+    return fit_n
+
+
 def measure(
     spec,
     strategy,
@@ -326,6 +371,7 @@ def measure(
     log=None,
     sync_batch_norm="auto",
     fit_sync_batch_norm=False,
+    steps_per_execution=1,
 ):
     """Steady-state steps/s of `Trainer.fit` and `model.fit` on the same model, data and
     optimizer (see the module docstring for what each number spans).
@@ -344,6 +390,10 @@ def measure(
             than one replica; False: per-replica batch moments, the work `model.fit` does).
         fit_sync_batch_norm: give `fit`'s copy Keras' synchronised BatchNorm
             (`synchronized=True` on every BatchNormalization), the same maths as the Trainer's.
+        steps_per_execution: training steps per `tf.function` call: the Trainer's
+            `steps_per_execution`, and `fit`'s `compile(steps_per_execution=...)` where Keras
+            supports it (`fit_steps_per_execution`: not under `MirroredStrategy`, where `fit`
+            keeps 1). Where `fit` gets it, `steps` must be a multiple of it.
 
     Returns:
         A dict: steps/s, images/s, CPU s/step and the steady-state epoch seconds of both paths,
@@ -352,7 +402,8 @@ def measure(
         far their weights moved.
 
     Raises:
-        ValueError: `epochs_per_round` < 2, or `steps` / `repeats` not positive.
+        ValueError: `epochs_per_round` < 2, `steps` / `repeats` / `steps_per_execution` not
+            positive, or `steps` not a multiple of the `steps_per_execution` `fit` gets.
     """
     import keras
 
@@ -361,6 +412,12 @@ def measure(
 
     steps = check_positive_int("steps", steps, owner="bench.training.measure")
     repeats = check_positive_int("repeats", repeats, owner="bench.training.measure")
+    steps_per_execution = check_positive_int(
+        "steps_per_execution", steps_per_execution, owner="bench.training.measure"
+    )
+    fit_steps_per_execution = _check_fit_steps_per_execution(
+        steps_per_execution, steps, strategy, owner="bench.training.measure"
+    )
     not_int = isinstance(epochs_per_round, bool) or not isinstance(epochs_per_round, int)
     if not_int or epochs_per_round < 2:
         raise ValueError(
@@ -375,7 +432,12 @@ def measure(
         initial = ours.get_weights()
         theirs.set_weights(initial)
         synchronized = synchronize_batch_norm(theirs) if fit_sync_batch_norm else 0
-        theirs.compile(optimizer=fit_optimizer, loss=fit_loss, metrics=_fit_metrics(spec))
+        theirs.compile(
+            optimizer=fit_optimizer,
+            loss=fit_loss,
+            metrics=_fit_metrics(spec),
+            steps_per_execution=fit_steps_per_execution,
+        )
     trainer = Trainer(
         ours,
         task=spec["task"],
@@ -384,6 +446,7 @@ def measure(
         strategy=strategy,
         progress=False,
         sync_batch_norm=sync_batch_norm,
+        steps_per_execution=steps_per_execution,
     )
     reported = []  # the Trainer's own history["seconds"] of the last call
 
@@ -489,6 +552,9 @@ def measure(
             "trainer_sync_batch_norm": trainer.sync_batch_norm,
             "fit_sync_batch_norm": bool(fit_sync_batch_norm),
             "fit_synchronized_layers": synchronized,
+            # Read back from each side: what really ran.
+            "trainer_steps_per_execution": trainer.steps_per_execution,
+            "fit_steps_per_execution": int(theirs.steps_per_execution),
             # Same start, data and optimizer: how far apart the two copies ended.
             "weights_max_abs_diff": _weights_diff(ours, theirs),
         }
@@ -522,6 +588,7 @@ def run(
     seed=0,
     verbose=True,
     sync_batch_norm="all",
+    steps_per_execution=1,
 ):
     """Measure every model under every strategy; write and return the JSON payload.
 
@@ -535,9 +602,13 @@ def run(
             Trainer with its default synchronised BatchNorm against plain `fit` ("on"), both
             with per-replica moments ("off"), both synchronised, `fit` with Keras'
             `synchronized=True` ("keras"); "both" = on and off, "all" = all three.
+        steps_per_execution: training steps per `tf.function` call, for the Trainer and, where
+            Keras supports it, for `fit` (see `measure`).
         verbose: print progress.
     """
     import tensorflow as tf
+
+    from dlmodels._validation import check_positive_int
 
     table = dict(QUICK_MODELS) if quick else {**MODELS, "unet": _demo_unet()}
     if isinstance(models, dict):
@@ -557,6 +628,13 @@ def run(
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"bench.training: `strategies`={bad!r}; choose from {STRATEGIES}.")
+    steps_per_execution = check_positive_int(
+        "steps_per_execution", steps_per_execution, owner="bench.training"
+    )
+    if "one_device" in strategies:  # fail before any row is measured
+        _check_fit_steps_per_execution(
+            steps_per_execution, steps, tf.distribute.get_strategy(), owner="bench.training"
+        )
     log = print if verbose else None
     gpus = tf.config.list_physical_devices("GPU")
     rows = []
@@ -600,6 +678,7 @@ def run(
                         log=log,
                         sync_batch_norm=variant,
                         fit_sync_batch_norm=fit_sync,
+                        steps_per_execution=steps_per_execution,
                     )
                 )
                 if log:
@@ -607,7 +686,9 @@ def run(
                         f"  trainer {result['trainer_steps_per_s']:.3f} steps/s, fit "
                         f"{result['fit_steps_per_s']:.3f} steps/s, ratio {result['ratio']:.3f} "
                         f"(cpu ratio {result['cpu_ratio']:.3f}; whole calls "
-                        f"{result['call_ratio']:.3f})"
+                        f"{result['call_ratio']:.3f}; steps per call: trainer "
+                        f"{result['trainer_steps_per_execution']}, fit "
+                        f"{result['fit_steps_per_execution']})"
                     )
                 rows.append(result)
     gpu_rates = [r["trainer_images_per_s"] for r in rows if gpus and "ratio" in r]
@@ -616,13 +697,16 @@ def run(
         "data, optimizer, loss, metrics and batch; interleaved calls of epochs_per_round "
         "epochs each, timed inside the call from epoch end to epoch end, the first epoch of "
         "every call left out; median",
-        "command": "python -m dlmodels.bench.training" + (" --quick" if quick else ""),
+        "command": "python -m dlmodels.bench.training"
+        + (" --quick" if quick else "")
+        + (f" --steps-per-execution {steps_per_execution}" if steps_per_execution != 1 else ""),
         "settings": {
             "steps_per_epoch": steps,
             "repeats": repeats,
             "epochs_per_round": epochs_per_round,
             "warmup_epochs": warmup,
             "sync_batch_norm": sync_batch_norm,
+            "steps_per_execution": steps_per_execution,
         },
         "results": rows,
         "gpu": {
@@ -666,6 +750,13 @@ def main(argv=None):
         "per-replica (off), both synchronised, fit with Keras' synchronized=True (keras); "
         "both = on + off, all = on + off + keras",
     )
+    parser.add_argument(
+        "--steps-per-execution",
+        type=int,
+        default=1,
+        help="training steps per tf.function call: the Trainer's steps_per_execution, and "
+        "fit's where Keras supports it (one device; fit keeps 1 under MirroredStrategy)",
+    )
     args = parser.parse_args(argv)
     split_cpu(2)
     run(
@@ -678,6 +769,7 @@ def main(argv=None):
         output=args.out,
         seed=args.seed,
         sync_batch_norm=args.sync_batch_norm,
+        steps_per_execution=args.steps_per_execution,
     )
 
 

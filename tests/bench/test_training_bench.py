@@ -136,6 +136,11 @@ def test_json_holds_consistent_measured_numbers(results):
         "epochs_per_round": EPOCHS_PER_ROUND,
         "warmup_epochs": 1,
         "sync_batch_norm": "all",
+        "steps_per_execution": 1,
+    }
+    # The default: one step per tf.function call on both sides, read back from each.
+    assert {(r["trainer_steps_per_execution"], r["fit_steps_per_execution"]) for r in rows} == {
+        (1, 1)
     }
     gpu = results["gpu"]
     if not gpu["available"]:
@@ -186,7 +191,7 @@ def test_synchronize_batch_norm_gives_fit_the_global_batch_moments():
             model.set_weights(initial)
             switched = training.synchronize_batch_norm(model) if sync else 0
             model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
-        model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+        model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
         return model, switched
 
     one, _ = fit(tf.distribute.get_strategy(), False)
@@ -203,3 +208,125 @@ def test_synchronize_batch_norm_gives_fit_the_global_batch_moments():
     assert diff(synced.get_weights(), reference) < 1e-5  # measured 4.8e-7
     # Per-replica moments: another update (measured 2.3e-2).
     assert diff(plain.get_weights(), reference) > 1e-3
+
+
+@pytest.fixture
+def trainer_calls(monkeypatch):
+    """Every call of each Trainer's compiled multi-step function, as the number of steps asked
+    of it (`n`); one list per Trainer, in the order they were built."""
+    from dlmodels.training.trainer import Trainer
+
+    build = Trainer._build_multi_fn
+    calls = []
+
+    def counting(self):
+        fn, mine = build(self), []
+        calls.append(mine)
+
+        def counted(iterator, n):
+            mine.append(int(n))
+            return fn(iterator, n)
+
+        return counted
+
+    monkeypatch.setattr(Trainer, "_build_multi_fn", counting)
+    return calls
+
+
+def test_steps_per_execution_runs_fewer_calls_and_the_same_steps(tmp_path, trainer_calls):
+    """--steps-per-execution 2, 4 steps per epoch: the Trainer makes half the function calls
+    (2 steps each) under both strategies; fit gets 2 on one device only; both still train the
+    same optimizer steps, and on one device the same weights (fit with 2 steps per call runs
+    the same ops)."""
+    out = tmp_path / "training.json"
+    training.main(
+        [
+            *("--quick", "--out", str(out), "--steps", "4", "--repeats", "1"),
+            *("--epochs-per-round", "2", "--sync-batch-norm", "off", "--steps-per-execution", "2"),
+        ]
+    )
+    results = json.loads(out.read_text())
+    rows = results["results"]
+    assert [r["strategy"] for r in rows] == ["one_device", "mirrored"]
+    assert [r["trainer_steps_per_execution"] for r in rows] == [2, 2]
+    # Keras' fit breaks under MirroredStrategy with more than one step per call: it keeps 1.
+    assert [r["fit_steps_per_execution"] for r in rows] == [2, 1]
+    assert results["settings"]["steps_per_execution"] == 2
+    assert results["command"].endswith("--quick --steps-per-execution 2")
+    # One warm-up epoch + 1 round of 2 epochs, 4 steps each: 12 steps in 6 calls of 2 (with
+    # --steps-per-execution 1: 12 calls of 1).
+    assert trainer_calls == [[2] * 6, [2] * 6]
+    for row in rows:
+        assert row["expected_optimizer_steps"] == 12
+        assert row["trainer_optimizer_steps"] == row["fit_optimizer_steps"] == 12
+        assert len(row["trainer_epoch_seconds"]) == len(row["fit_epoch_seconds"]) == 1
+    assert rows[0]["weights_max_abs_diff"] < 1e-6
+
+
+def test_steps_per_execution_not_dividing_an_epoch(trainer_calls):
+    """Under MirroredStrategy only the Trainer gets N, and it ends each epoch with a shorter
+    call: 3 steps per epoch with N=2 are calls of 2 + 1, so the epoch clock still ticks every
+    3 steps and the optimizer step count is right."""
+
+    spec = training.QUICK_MODELS["unet_tiny"]
+    mirrored = training._strategy("mirrored")[0]  # own collective keys
+    row = training.measure(
+        spec,
+        mirrored,
+        steps=3,
+        repeats=1,
+        epochs_per_round=2,
+        steps_per_execution=2,
+        sync_batch_norm=False,
+    )
+    assert trainer_calls == [[2, 1] * 3]  # warm-up epoch + 2 epochs
+    assert (row["trainer_steps_per_execution"], row["fit_steps_per_execution"]) == (2, 1)
+    assert row["trainer_optimizer_steps"] == row["fit_optimizer_steps"] == 9
+    assert len(row["trainer_epoch_seconds"]) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "4"])
+def test_steps_per_execution_must_be_a_positive_int(bad):
+    with pytest.raises(
+        ValueError,
+        match=rf"`steps_per_execution` must be a positive integer "
+        rf"\(>= 1\), got {bad!r}",
+    ):
+        training.run(quick=True, output=None, steps_per_execution=bad)
+
+
+def test_steps_per_execution_must_divide_the_epoch_where_fit_gets_it():
+    """On a repeated dataset Keras' fit runs whole executions: 10 steps with N=4 would be 12."""
+    import tensorflow as tf
+
+    with pytest.raises(
+        ValueError,
+        match=r"`steps_per_execution`=4 must divide `steps`=10 "
+        r"where `fit` gets it too \(one device\): Keras would run 12 steps",
+    ):
+        training.run(quick=True, output=None, steps=10, steps_per_execution=4)
+    # Under MirroredStrategy fit keeps 1 and the Trainer handles any N.
+    mirrored = training._strategy("mirrored")[0]  # own collective keys
+    assert training._check_fit_steps_per_execution(4, 10, mirrored, owner="x") == 1
+    assert (
+        training._check_fit_steps_per_execution(5, 10, tf.distribute.get_strategy(), owner="x") == 5
+    )
+
+
+def test_keras_fit_under_mirrored_breaks_with_steps_per_execution():
+    """Why fit keeps 1 under MirroredStrategy (Keras 3.15): its first call fails. If a Keras
+    upgrade makes this pass, let `fit_supports_steps_per_execution` give fit N there too."""
+    import tensorflow as tf
+
+    spec = training.QUICK_MODELS["unet_tiny"]
+    mirrored = training._strategy("mirrored")[0]  # own collective keys
+    assert not training.fit_supports_steps_per_execution(mirrored)
+    assert training.fit_supports_steps_per_execution(tf.distribute.get_strategy())
+    with mirrored.scope():
+        model, optimizer, loss = training._build(spec)
+        model.compile(optimizer=optimizer, loss=loss, steps_per_execution=2)
+    ds = training.synthetic_dataset(spec, 2)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="You must feed a value for placeholder"
+    ):
+        model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
