@@ -1166,9 +1166,30 @@ def bench_cmd(
         ),
     ] = False,
     quick: Annotated[bool, typer.Option("--quick", help="with --training: tiny models")] = False,
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export",
+            help="instead: every deployment runtime and precision of MODEL (TF, onnxruntime "
+            "fp32 / int8 / fp16, OpenVINO fp32 / bf16 / int8 and NNCF int8) at --batches, "
+            "against the machine's MatMul peak; default output "
+            "benchmarks/results/export_<name>.json",
+        ),
+    ] = False,
+    builtin: Annotated[
+        str | None,
+        typer.Option(
+            help="with --export and no MODEL: a built-in model with random weights: resnet50 "
+            "(the default), unet or deeplabv3plus",
+        ),
+    ] = None,
+    batches: Annotated[
+        str, typer.Option(help="with --export: batch sizes, comma-separated")
+    ] = "1,32",
 ):
     """Batch-1 latency of Keras/TF, ONNX fp32 and int8 measured side by side; writes JSON.
-    With --training: training throughput of the Trainer against model.fit.
+    With --training: training throughput of the Trainer against model.fit. With --export:
+    every deployment precision of one model side by side.
 
     Examples:
 
@@ -1177,7 +1198,18 @@ def bench_cmd(
         dlmodels bench artifacts/model.keras --iters 100 --output bench.json --json
 
         dlmodels bench --training --quick --output training.json
+
+        dlmodels bench artifacts/model.keras --export --batches 1,8
+
+        dlmodels bench --export --builtin unet
     """
+    if training and export:
+        raise typer.BadParameter("choose one of --training and --export", param_hint="--export")
+    if builtin is not None and not export:
+        raise typer.BadParameter("--builtin goes with --export", param_hint="--builtin")
+    if export:
+        _export_bench(model_path, builtin, output, iters, batches, json_output)
+        return
     if training:
         if model_path is not None:
             raise typer.BadParameter("--training benchmarks its own models", param_hint="MODEL")
@@ -1203,6 +1235,34 @@ def bench_cmd(
         sys.stdout.write(json.dumps(payload["results"], default=str) + "\n")
     else:
         _console().print_json(json.dumps(payload["results"], default=str))
+
+
+def _export_bench(model_path, builtin, output, iters, batches, json_output):
+    """`dlmodels bench --export`: `dlmodels.bench.export.run` on a .keras file or a built-in."""
+    if model_path is not None and builtin is not None:
+        raise typer.BadParameter("give MODEL or --builtin, not both", param_hint="--builtin")
+    try:
+        sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{batches!r} is not a comma-separated list of batch sizes (e.g. 1,32)",
+            param_hint="--batches",
+        ) from None
+    _quiet_tf()
+    if model_path is not None:
+        _existing_file(model_path, "model file", "MODEL_PATH")
+    from dlmodels.bench import export as export_bench
+
+    default = Path("benchmarks/results/unet_latency.json")
+    with contextlib.redirect_stdout(sys.stderr if json_output else sys.stdout):
+        payload = export_bench.run(
+            model_path if model_path is not None else (builtin or "resnet50"),
+            output="default" if output == default else output,
+            batches=sizes,
+            iters=iters,
+        )
+    if json_output:
+        sys.stdout.write(json.dumps(payload["rows"], default=str) + "\n")
 
 
 @app.command(

@@ -500,6 +500,52 @@ def test_bench_command_writes_json_with_machine_info(tmp_path):
     assert payload["machine"]["cores"] >= 1 and payload["machine"]["tensorflow"]
 
 
+def test_bench_export_runs_every_precision_of_a_saved_model(tmp_path):
+    pytest.importorskip("openvino")
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3), name="image")
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    out = keras.layers.Conv2D(3, 1, name="logits")(h)
+    path = tmp_path / "tiny_seg.keras"
+    keras.Model(inp, out, name="tiny_seg").save(path)
+    out_json = tmp_path / "export.json"
+    argv = ["bench", str(path), "--export", "--batches", "1,2", "--iters", "2"]
+    result = runner.invoke(app, [*argv, "--output", str(out_json), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out_json.read_text())
+    # The user's model ran, with its own weights: TF and onnxruntime fp32 agree with Keras
+    # on the timed batch; every row is there at both batches.
+    assert payload["model"] == "tiny_seg" and payload["builder_kwargs"] == {"file": str(path)}
+    assert payload["weights"].startswith("from tiny_seg.keras")
+    assert payload["macs_per_image"] == 16 * 16 * (3 * 3 * 3 * 8 + 8 * 3)
+    rows = {(r["runtime"], r["batch"]): r for r in payload["rows"]}
+    assert {b for _, b in rows} == {1, 2}
+    for b in (1, 2):
+        assert rows[("ort_fp32", b)]["max_abs_error_vs_keras"] < 1e-4
+        assert rows[("openvino_fp32", b)]["compiled_batch"] == b
+    assert json.loads(result.stdout) == payload["rows"]  # --json: only the rows on stdout
+
+
+def test_bench_export_refuses_bad_combinations(tmp_path):
+    for argv, needle in (
+        (["bench", "--export", "--training"], "choose one of --training and --export"),
+        (["bench", "--builtin", "unet"], "--builtin goes with --export"),
+        (["bench", "--export", "--batches", "1,x"], "not a comma-separated list"),
+        (["bench", "--export", "--builtin", "vgg16"], "'vgg16' is not benchmarked"),
+    ):
+        result = runner.invoke(app, argv)
+        assert result.exit_code != 0 and needle in result.output, (argv, result.output)
+    from dlmodels.bench import export as export_bench
+
+    # A model without a fixed input size cannot be calibrated or counted.
+    inp = keras.Input((None, None, 3), name="image")
+    free = keras.Model(inp, keras.layers.Conv2D(2, 1)(inp), name="free")
+    with pytest.raises(ValueError, match=r"dimensions, batch aside, are fixed"):
+        export_bench.resolve_model(free)
+    with pytest.raises(ValueError, match="no .keras file at"):
+        export_bench.resolve_model(str(tmp_path / "missing.keras"))
+
+
 # -- task metrics ---------------------------------------------------------------------------------
 
 

@@ -92,6 +92,45 @@ def build_model(name: str, model_kwargs: Mapping | None = None):
     return registry.get(name, **kwargs), kwargs
 
 
+def resolve_model(model, model_kwargs: Mapping | None = None):
+    """(keras model, builder kwargs, name, weights) for what `run` benchmarks.
+
+    `model`: a key of `MODELS` (built with random weights), a `keras.Model`, or the path of a
+    `.keras` file (loaded with `safe_mode=True`). The model must take one input with every
+    dimension but the batch fixed (the calibration images and the MAC count need them)."""
+    import keras
+
+    if isinstance(model, keras.Model):
+        built, kwargs, name, weights = model, {}, model.name, "the given model's"
+    elif isinstance(model, os.PathLike) or (isinstance(model, str) and model.endswith(".keras")):
+        path = Path(model)
+        if not path.is_file():
+            raise UserError(
+                f"no .keras file at {path}: pass a saved model or one of {list(MODELS)}"
+            )
+        if model_kwargs:
+            raise UserError("model_kwargs only apply to the built-in models, not to a .keras file")
+        built = keras.saving.load_model(path, safe_mode=True)
+        kwargs, name, weights = {"file": str(path)}, path.stem, f"from {path.name}"
+    elif isinstance(model, str):
+        built, kwargs = build_model(model, model_kwargs)
+        name, weights = model, None
+    else:
+        raise UserError(
+            f"model must be one of {list(MODELS)}, a keras.Model or a .keras path, got "
+            f"{type(model).__name__}"
+        )
+    shape = tuple(built.inputs[0].shape) if len(built.inputs) == 1 else None
+    if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
+        got = [tuple(i.shape) for i in built.inputs]
+        raise UserError(
+            f"{name}: the export benchmark takes a model with one input whose dimensions, "
+            f"batch aside, are fixed; it has inputs {got}. Save the model with a fixed input "
+            "size (e.g. keras.Input((224, 224, 3)))"
+        )
+    return built, kwargs, name, weights
+
+
 # -- peaks ---------------------------------------------------------------------------------
 
 
@@ -512,7 +551,7 @@ def _parity(reference: np.ndarray, got: np.ndarray) -> dict:
 
 
 def run(
-    model_name: str = "resnet50",
+    model_name="resnet50",
     *,
     output: str | os.PathLike | None = "default",
     batches: Sequence[int] = (1, 32),
@@ -534,7 +573,8 @@ def run(
     """Export one model to every precision, time each runtime at each batch, write the JSON.
 
     Args:
-        model_name: a key of `MODELS`.
+        model_name: a key of `MODELS` (built with random weights: latency does not depend on
+            them), a `keras.Model`, or the path of a `.keras` file (`resolve_model`).
         output: the JSON file; "default": `benchmarks/results/export_<model>.json`; None: none.
         batches: batch sizes timed (each with its own interleaved rounds).
         iters: timed calls per runtime at batch 1; `iters_large` at larger batches.
@@ -586,7 +626,7 @@ def run(
     load_before = list(os.getloadavg())
     tf_threads = _set_tf_threads(threads)
     keras.utils.set_random_seed(seed)
-    model, kwargs = build_model(model_name, model_kwargs)
+    model, kwargs, model_name, weights = resolve_model(model_name, model_kwargs)
     input_shape = tuple(model.inputs[0].shape[1:])
     macs = count_macs(model, input_shape)
     effective_macs = count_macs(model, input_shape, effective=True)
@@ -726,7 +766,8 @@ def run(
         "params": int(model.count_params()),
         "macs_per_image": int(macs),
         "effective_macs_per_image": int(effective_macs),
-        "weights": f"random (seed {seed}); int8 calibrated on {calibration_samples} random images",
+        "weights": f"{weights or f'random (seed {seed})'}; int8 calibrated on "
+        f"{calibration_samples} random images",
         "threads": {"runtimes": threads, "tensorflow": tf_threads},
         "openvino_batch": openvino_batch,
         "timing": {
@@ -908,7 +949,11 @@ def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet50", choices=list(MODELS))
+    parser.add_argument(
+        "--model",
+        default="resnet50",
+        help=f"one of {list(MODELS)} (random weights) or the path of a .keras model",
+    )
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--iters", type=int, default=30)
