@@ -1154,7 +1154,14 @@ def bench_cmd(
     output: Annotated[Path, typer.Option(help="JSON results file")] = Path(
         "benchmarks/results/unet_latency.json"
     ),
-    iters: Annotated[int, typer.Option(min=1)] = 50,
+    iters: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="timed calls per runtime (default 50); with --export: at batch 1 (default 30, "
+            "as `python -m dlmodels.bench.export`; larger batches: 6)",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print only the JSON")] = False,
     training: Annotated[
         bool,
@@ -1172,8 +1179,8 @@ def bench_cmd(
             "--export",
             help="instead: every deployment runtime and precision of MODEL (TF, onnxruntime "
             "fp32 / int8 / fp16, OpenVINO fp32 / bf16 / int8 and NNCF int8) at --batches, "
-            "against the machine's MatMul peak; default output "
-            "benchmarks/results/export_<name>.json",
+            "against the machine's MatMul peak; default output <MODEL stem>_export.json, "
+            "or benchmarks/results/export_<builtin>.json",
         ),
     ] = False,
     builtin: Annotated[
@@ -1230,7 +1237,9 @@ def bench_cmd(
         _existing_file(model_path, "model file", "MODEL_PATH")
     from dlmodels import demo
 
-    payload = demo.run_bench(model_path=model_path, output=output, iters=iters)
+    payload = demo.run_bench(
+        model_path=model_path, output=output, iters=50 if iters is None else iters
+    )
     if json_output:
         sys.stdout.write(json.dumps(payload["results"], default=str) + "\n")
     else:
@@ -1254,12 +1263,23 @@ def _export_bench(model_path, builtin, output, iters, batches, json_output):
     from dlmodels.bench import export as export_bench
 
     default = Path("benchmarks/results/unet_latency.json")
+    # --iters left out: the export benchmark's own default, so that the CLI and
+    # `python -m dlmodels.bench.export` time the same number of calls.
+    timing = {} if iters is None else {"iters": iters}
     with contextlib.redirect_stdout(sys.stderr if json_output else sys.stdout):
         payload = export_bench.run(
             model_path if model_path is not None else (builtin or "resnet50"),
-            output="default" if output == default else output,
+            output=(
+                output
+                if output != default
+                # A file's results beside the working directory, never over the committed
+                # benchmarks/results/export_<builtin>.json.
+                else Path(f"{model_path.stem}_export.json")
+                if model_path is not None
+                else "default"
+            ),
             batches=sizes,
-            iters=iters,
+            **timing,
         )
     if json_output:
         sys.stdout.write(json.dumps(payload["rows"], default=str) + "\n")

@@ -526,6 +526,28 @@ def test_bench_export_runs_every_precision_of_a_saved_model(tmp_path):
     assert json.loads(result.stdout) == payload["rows"]  # --json: only the rows on stdout
 
 
+def test_bench_export_passes_the_benchmark_defaults(monkeypatch, tmp_path):
+    """Without --iters the export benchmark keeps its own 30 calls at batch 1 (the plain
+    bench's 50 is not forced on it); the default --output becomes export_<name>.json for a
+    built-in model and <stem>_export.json for a file (never the committed results)."""
+    from pathlib import Path
+
+    from dlmodels.bench import export as export_bench
+
+    calls = []
+    monkeypatch.setattr(export_bench, "run", lambda model, **kw: calls.append((model, kw)) or {})
+    saved = tmp_path / "unet.keras"
+    saved.write_bytes(b"not read: run is stubbed")
+    for argv in (["--builtin", "unet"], ["--iters", "7", "--batches", "2"], [str(saved)]):
+        result = runner.invoke(app, ["bench", "--export", *argv])
+        assert result.exit_code == 0, result.output
+    assert calls == [
+        ("unet", {"output": "default", "batches": [1, 32]}),
+        ("resnet50", {"output": "default", "batches": [2], "iters": 7}),
+        (saved, {"output": Path("unet_export.json"), "batches": [1, 32]}),
+    ]
+
+
 def test_bench_export_refuses_bad_combinations(tmp_path):
     for argv, needle in (
         (["bench", "--export", "--training"], "choose one of --training and --export"),
@@ -542,7 +564,7 @@ def test_bench_export_refuses_bad_combinations(tmp_path):
     free = keras.Model(inp, keras.layers.Conv2D(2, 1)(inp), name="free")
     with pytest.raises(ValueError, match=r"dimensions, batch aside, are fixed"):
         export_bench.resolve_model(free)
-    with pytest.raises(ValueError, match="no .keras file at"):
+    with pytest.raises(ValueError, match=r"no \.keras file at"):
         export_bench.resolve_model(str(tmp_path / "missing.keras"))
 
 

@@ -96,9 +96,13 @@ def resolve_model(model, model_kwargs: Mapping | None = None):
     """(keras model, builder kwargs, name, weights) for what `run` benchmarks.
 
     `model`: a key of `MODELS` (built with random weights), a `keras.Model`, or the path of a
-    `.keras` file (loaded with `safe_mode=True`). The model must take one input with every
-    dimension but the batch fixed (the calibration images and the MAC count need them)."""
+    `.keras` file (loaded with `safe_mode=True` by `dlmodels.load_model`, which registers the
+    dlmodels layers, losses and metrics first). The model must take one input with every
+    dimension but the batch fixed (the calibration images and the MAC count need them) and
+    give one output (the parity columns compare one array)."""
     import keras
+
+    import dlmodels
 
     if isinstance(model, keras.Model):
         built, kwargs, name, weights = model, {}, model.name, "the given model's"
@@ -110,7 +114,15 @@ def resolve_model(model, model_kwargs: Mapping | None = None):
             )
         if model_kwargs:
             raise UserError("model_kwargs only apply to the built-in models, not to a .keras file")
-        built = keras.saving.load_model(path, safe_mode=True)
+        try:
+            built = dlmodels.load_model(path, safe_mode=True)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(
+                f"cannot load {path} as a Keras model ({type(err).__name__}: {first[:300]}); "
+                "custom layers must be registered (keras.saving.register_keras_serializable) "
+                "and imported before the benchmark runs"
+            ) from err
         kwargs, name, weights = {"file": str(path)}, path.stem, f"from {path.name}"
     elif isinstance(model, str):
         built, kwargs = build_model(model, model_kwargs)
@@ -127,6 +139,12 @@ def resolve_model(model, model_kwargs: Mapping | None = None):
             f"{name}: the export benchmark takes a model with one input whose dimensions, "
             f"batch aside, are fixed; it has inputs {got}. Save the model with a fixed input "
             "size (e.g. keras.Input((224, 224, 3)))"
+        )
+    if len(built.outputs) != 1:
+        raise UserError(
+            f"{name}: the export benchmark compares one output with Keras, but the model has "
+            f"{len(built.outputs)} outputs; benchmark keras.Model(model.inputs, "
+            "model.outputs[0]) (the head you deploy)"
         )
     return built, kwargs, name, weights
 
@@ -671,10 +689,13 @@ def run(
             "openvino_int8": "int8",
             "openvino_int8_nncf": "openvino_int8_nncf",
         }
-        predictors = _predictors(model, paths, threads)
+        # Static: the OpenVINO models are compiled for the first batch here and recompiled
+        # only when the timed batch changes (never a dynamic compile thrown away unused).
+        static = openvino_batch == "static"
+        predictors = _predictors(model, paths, threads, batches[0] if static else None)
         openvino_int8 = _openvino_int8_info(predictors)
         for batch in track(list(batches), f"timing {model_name}"):
-            if openvino_batch == "static":
+            if static and predictors["openvino_fp32"].batch_size != batch:
                 for key in [k for k in predictors if k.startswith("openvino_")]:
                     del predictors[key]  # the previous batch's compiled models, freed first
                 predictors.update(_openvino_predictors(paths, threads, batch))

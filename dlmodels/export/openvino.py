@@ -340,7 +340,7 @@ class OpenVINOModel:
         batch_size: None (default) compiles the file as it is (a dynamic batch stays dynamic:
             any batch runs); an int N fixes the first dimension of every input to N before
             compiling (`Model.reshape`). With static shapes the CPU plugin plans its memory and
-            picks its kernels once, at compile time, instead of on every call. Measured here
+            picks its kernels once, at compile time, instead of on every call. In a side check
             (2 threads, NNCF int8 IRs, median of 4-10 calls): 2-8% faster (DeepLabV3+ batch 32
             532 -> 497 ms, U-Net batch 1 4.7 -> 4.3 ms, ResNet-50 batch 32 140 -> 136 ms);
             onnxruntime gains nothing from the same fix (fp32 within 1%). Calls with

@@ -12,7 +12,33 @@ from dlmodels.bench import export as bench
 TINY = {"input_shape": (32, 32, 3), "depth": 2, "base_filters": 4, "num_classes": 3}
 
 
-def test_every_row_present_and_consistent(tmp_path):
+@pytest.fixture
+def openvino_compiles(monkeypatch):
+    """Every `OpenVINOModel` the benchmark compiles for a model row (the MatMul peak graphs
+    left out), as (batch_size, OpenVINO models of another batch still alive at that moment)."""
+    import gc
+    import weakref
+
+    from dlmodels.export import openvino as ovx
+
+    compiles, alive = [], []
+
+    class Recording(ovx.OpenVINOModel):
+        def __init__(self, path, *args, batch_size=None, **kwargs):
+            super().__init__(path, *args, batch_size=batch_size, **kwargs)
+            if self.path.name.startswith("matmul"):
+                return  # a peak graph, not a model row
+            gc.collect()
+            others = [m for m in (r() for r in alive) if m and m.batch_size != batch_size]
+            compiles.append((batch_size, len(others)))
+            del others
+            alive.append(weakref.ref(self))
+
+    monkeypatch.setattr(ovx, "OpenVINOModel", Recording)
+    return compiles
+
+
+def test_every_row_present_and_consistent(tmp_path, openvino_compiles):
     out = tmp_path / "export_unet.json"
     payload = bench.run(
         "unet",
@@ -101,6 +127,12 @@ def test_every_row_present_and_consistent(tmp_path):
     assert payload["threads"]["runtimes"] == 1
     # OpenVINO ran models compiled for each timed batch (static shapes), the others any batch.
     assert payload["openvino_batch"] == "static"
+    # Compiled once per batch (no dynamic compile thrown away), and the batch-1 models freed
+    # before the batch-2 ones are compiled: one batch's models in memory at a time.
+    per_batch = sum(
+        k.startswith("openvino_") and b == 1 and "skipped" not in r for (k, b), r in rows.items()
+    )
+    assert openvino_compiles == [(1, 0)] * per_batch + [(2, 0)] * per_batch
     for (key, batch), r in rows.items():
         if "skipped" not in r:
             assert r["compiled_batch"] == (batch if key.startswith("openvino_") else None), key
@@ -181,6 +213,41 @@ def test_peak_graphs_compute_a_matmul(tmp_path):
             want = x @ w
         (got,) = ort.InferenceSession(str(path)).run(None, {"x": x})
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_resolve_model_loads_dlmodels_layers_in_a_fresh_process(tmp_path):
+    """A .keras file with dlmodels layers (what `dlmodels train` saves) loads in a process that
+    imported nothing but the benchmark: resolve_model registers the dlmodels classes."""
+    import subprocess
+    import sys
+
+    import keras
+
+    from dlmodels.layers.conv import ConvNormAct
+
+    inp = keras.Input((8, 8, 3), name="image")
+    path = tmp_path / "cna.keras"
+    keras.Model(inp, ConvNormAct(4)(inp), name="cna").save(path)
+    code = (
+        f"from dlmodels.bench import export; m, kw, name, w = export.resolve_model({str(path)!r}); "
+        f"print(type(m.layers[1]).__name__, name, kw['file'] == {str(path)!r})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ConvNormAct", "cna", "True"]
+
+
+def test_resolve_model_refuses_what_it_cannot_benchmark(tmp_path):
+    import keras
+
+    inp = keras.Input((8, 8, 3), name="image")
+    two = keras.Model(inp, [keras.layers.Conv2D(2, 1)(inp), keras.layers.Conv2D(3, 1)(inp)])
+    with pytest.raises(ValueError, match=r"has 2 outputs; benchmark keras.Model\(model.inputs"):
+        bench.resolve_model(two)
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"cannot load .*broken.keras as a Keras model"):
+        bench.resolve_model(str(broken))
 
 
 def test_bad_arguments():

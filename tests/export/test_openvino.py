@@ -93,6 +93,39 @@ def test_static_batch_computes_the_same_and_refuses_other_batches(ir_dir, sample
             ovx.OpenVINOModel(ir_dir, threads=1, batch_size=bad)
 
 
+def _graph_ir(path, inputs, fn):
+    """A hand-built OpenVINO graph saved as an IR: `inputs` maps names to partial shapes."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    params = [ops.parameter(ov.PartialShape(s), ov.Type.f32, name=n) for n, s in inputs.items()]
+    ov.save_model(ov.Model([fn(*params)], params, path.stem), str(path))
+    return path
+
+
+def test_static_batch_fixes_every_input_and_checks_every_feed(tmp_path):
+    """Two inputs a, b of shape (?, 4), a + b: batch_size=2 fixes both; a feed whose second
+    input has another batch is refused by name; an input without a batch dimension (a
+    scalar) cannot take a static batch and says to use batch_size=None."""
+    import openvino.opset13 as ops
+
+    two = _graph_ir(tmp_path / "two.xml", {"a": [-1, 4], "b": [-1, 4]}, ops.add)
+    static = ovx.OpenVINOModel(two, threads=1, batch_size=2)
+    assert [str(p.get_partial_shape()) for p in static.compiled.inputs] == ["[2,4]"] * 2
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    (out,) = static.run({"a": a, "b": 10 * a}).values()
+    np.testing.assert_array_equal(out, 11 * a)
+    with pytest.raises(ValueError, match=r"input 'b' has batch 3, but .* compiled for batch 2"):
+        static.run({"a": a, "b": np.ones((3, 4), np.float32)})
+    scalar = _graph_ir(tmp_path / "scalar.xml", {"s": []}, lambda s: ops.multiply(s, s))
+    with pytest.raises(
+        ValueError, match=r"input 's' of scalar.xml has shape \[\]; use batch_size=None"
+    ):
+        ovx.OpenVINOModel(scalar, threads=1, batch_size=2)
+    # Compiled as it is (batch_size=None), the scalar model compiles with its shape.
+    assert str(ovx.OpenVINOModel(scalar, threads=1).compiled.inputs[0].get_partial_shape()) == "[]"
+
+
 def test_over_budget_fails(model, ir_dir, samples):
     x, expected = samples
     report = ovx.verify_openvino(model, ir_dir, x, precision="bf16", atol=1e-6, expected=expected)
