@@ -109,7 +109,7 @@ class Client:
         the binary tensor data extension (what tritonclient does by default)."""
         entries, chunks = [], []
         for n, value in inputs.items():
-            arr = np.ascontiguousarray(value)
+            arr = np.require(value, requirements="C")  # keeps a 0-d array 0-d
             entry: dict[str, Any] = {
                 "name": n,
                 "shape": list(arr.shape),

@@ -361,7 +361,7 @@ def _known(served, keys: set) -> None:
 
 def encode_tfserving(outputs: dict[str, np.ndarray], fmt: str) -> bytes:
     opt = orjson.OPT_SERIALIZE_NUMPY
-    arrays = {n: np.ascontiguousarray(a) for n, a in outputs.items()}
+    arrays = {n: np.require(a, requirements="C") for n, a in outputs.items()}
     if fmt == "columnar":
         value = next(iter(arrays.values())) if len(arrays) == 1 else arrays
         return orjson.dumps({"outputs": value}, option=opt)

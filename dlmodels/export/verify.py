@@ -255,10 +255,10 @@ def run_fresh_worker(
     # Arrays travel by name when the caller named them, else by position (`input_0`, ...); the
     # worker maps them onto its graph inputs, so this process never has to open the model.
     if isinstance(inputs, Mapping):
-        feeds = {str(k): np.ascontiguousarray(v) for k, v in inputs.items()}
+        feeds = {str(k): np.require(v, requirements="C") for k, v in inputs.items()}
     else:
         arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
-        feeds = {f"input_{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
+        feeds = {f"input_{i}": np.require(a, requirements="C") for i, a in enumerate(arrays)}
     feeds = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feeds.items()}
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")

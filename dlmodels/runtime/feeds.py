@@ -108,5 +108,6 @@ def match_feeds(
                 arr = arr.astype(want)
         if check is not None:
             check(name, arr)
-        feeds[name] = np.ascontiguousarray(arr)
+        # np.require, not np.ascontiguousarray: that one turns a 0-d array into shape (1,).
+        feeds[name] = np.require(arr, requirements="C")
     return feeds

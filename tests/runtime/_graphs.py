@@ -46,6 +46,21 @@ def index_graph(path: Path) -> Path:
     return path
 
 
+def scalar_graph(path: Path) -> Path:
+    """`scale`: float32 scalar (rank 0), `x`: float32 [batch, 3] -> `scaled` = x * scale."""
+    scale = helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    out = helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", 3])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["scaled"])], "scalar", [scale, x], [out]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def spec(name, shape, dtype="float32", **extra):
     return {"name": name, "shape": shape, "dtype": dtype, **extra}
 

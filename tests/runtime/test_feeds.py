@@ -53,6 +53,26 @@ def test_arrays_become_contiguous_without_changing_values():
     _same(got, {"a": np.ascontiguousarray(strided), "b": np.ascontiguousarray(A)})
 
 
+def test_a_scalar_input_stays_rank_0_in_every_runtime(tmp_path):
+    """A rank-0 input (e.g. a temperature or a threshold) keeps shape (): numpy's
+    ascontiguousarray would make it (1,), which onnxruntime and OpenVINO refuse."""
+    from dlmodels.runtime import OnnxModel
+    from tests.runtime._graphs import scalar_graph
+
+    scale = np.array(2.5, dtype="float32")
+    got = match_feeds({"x": A, "scale": scale}, ["scale", "x"], owner="m")
+    assert got["scale"].shape == () and got["scale"].flags["C_CONTIGUOUS"]
+    path = scalar_graph(tmp_path / "scalar.onnx")
+    out = OnnxModel(path, threads=1).run({"scale": scale, "x": A})
+    np.testing.assert_array_equal(out["scaled"], A * 2.5)
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is not None:
+        ov = _standalone("openvino")
+        out = ov.OpenVINOModel(path, threads=1).run({"scale": scale, "x": A})
+        np.testing.assert_array_equal(out["scaled"], A * 2.5)
+
+
 def test_missing_and_extra_names_are_named_exactly():
     with pytest.raises(UserError) as err:
         match_feeds({"a": A}, NAMES, owner="m.onnx")

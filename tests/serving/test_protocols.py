@@ -241,3 +241,25 @@ def test_openapi_documents_the_request_models(server):
     predict = doc["paths"]["/v1/models/{name}:predict"]["post"]["requestBody"]["content"]
     assert predict["application/json"]["schema"]["$ref"].endswith("/PredictRequest")
     assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_client_sends_a_scalar_input_as_rank_0():
+    """`Client.infer` declares the shape of a 0-d input as [] (numpy's ascontiguousarray would
+    make it [1], which a model with a scalar input refuses)."""
+    import orjson
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        size = int(request.headers.get("inference-header-content-length", len(request.content)))
+        seen.append(orjson.loads(request.content[:size]))
+        answer = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [], "data": [5.0]}]}
+        return httpx.Response(200, json=answer)
+
+    client = Client("http://mock")
+    client.http = httpx.Client(base_url="http://mock", transport=httpx.MockTransport(handler))
+    for binary in (True, False):
+        out = client.infer("m", {"scale": np.array(2.5, np.float32)}, binary=binary)
+        assert out["y"].shape == () and float(out["y"]) == 5.0
+    assert [r["inputs"][0]["shape"] for r in seen] == [[], []]
+    assert seen[1]["inputs"][0]["data"] == [2.5]
