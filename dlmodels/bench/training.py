@@ -55,6 +55,9 @@ N: a capability the Trainer has and `fit` lacks there, not a handicap the benchm
 (`trainer_steps_per_execution`, `fit_steps_per_execution`, read back from the Trainer and the
 compiled model). Where `fit` gets N, `--steps` must be a multiple of N (on a repeated dataset
 Keras runs whole executions, so its epochs would be longer).
+`--precision float32 mixed_bfloat16` builds both copies under each Keras dtype policy in turn
+(one row each, measured one after the other; each row records the compute dtype of every
+convolution of both copies, read back from the layers).
 `weights_max_abs_diff` is how far apart the two copies ended: 0 when both run the same ops
 ("off", one device); under "keras" each step differs by rounding (about 1e-7 after a step,
 tests/bench/test_training_bench.py), which hundreds of steps on random data can amplify into
@@ -372,6 +375,7 @@ def measure(
     sync_batch_norm="auto",
     fit_sync_batch_norm=False,
     steps_per_execution=1,
+    precision="float32",
 ):
     """Steady-state steps/s of `Trainer.fit` and `model.fit` on the same model, data and
     optimizer (see the module docstring for what each number spans).
@@ -394,6 +398,8 @@ def measure(
             `steps_per_execution`, and `fit`'s `compile(steps_per_execution=...)` where Keras
             supports it (`fit_steps_per_execution`: not under `MirroredStrategy`, where `fit`
             keeps 1). Where `fit` gets it, `steps` must be a multiple of it.
+        precision: the Keras dtype policy both copies are built under ("float32",
+            "mixed_bfloat16" or "mixed_float16"; `dlmodels.training.precision_scope`).
 
     Returns:
         A dict: steps/s, images/s, CPU s/step and the steady-state epoch seconds of both paths,
@@ -408,8 +414,9 @@ def measure(
     import keras
 
     from dlmodels._validation import check_positive_int
-    from dlmodels.training import Trainer
+    from dlmodels.training import Trainer, precision_scope
 
+    _check_precision(precision, owner="bench.training.measure")
     steps = check_positive_int("steps", steps, owner="bench.training.measure")
     repeats = check_positive_int("repeats", repeats, owner="bench.training.measure")
     steps_per_execution = check_positive_int(
@@ -426,7 +433,7 @@ def measure(
         )
     keras.utils.set_random_seed(seed)
     ds = synthetic_dataset(spec, steps, seed)
-    with strategy.scope():
+    with strategy.scope(), precision_scope(precision):
         ours, optimizer, loss = _build(spec)
         theirs, fit_optimizer, fit_loss = _build(spec)
         initial = ours.get_weights()
@@ -555,10 +562,33 @@ def measure(
             # Read back from each side: what really ran.
             "trainer_steps_per_execution": trainer.steps_per_execution,
             "fit_steps_per_execution": int(theirs.steps_per_execution),
+            "precision": precision,
+            "trainer_compute_dtypes": _compute_dtypes(ours),
+            "fit_compute_dtypes": _compute_dtypes(theirs),
             # Same start, data and optimizer: how far apart the two copies ended.
             "weights_max_abs_diff": _weights_diff(ours, theirs),
         }
     )
+    return out
+
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+"""The dtype policies `--precision` accepts."""
+
+
+def _check_precision(precision, *, owner):
+    if precision not in PRECISIONS:
+        raise ValueError(f"{owner}: `precision`={precision!r}; choose one of {PRECISIONS}.")
+
+
+def _compute_dtypes(model) -> dict[str, int]:
+    """Compute dtype -> how many convolution layers run in it (read back from the model)."""
+    import keras
+
+    out: dict[str, int] = {}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.Conv2D | keras.layers.Conv2DTranspose):
+            out[layer.compute_dtype] = out.get(layer.compute_dtype, 0) + 1
     return out
 
 
@@ -589,6 +619,7 @@ def run(
     verbose=True,
     sync_batch_norm="all",
     steps_per_execution=1,
+    precision="float32",
 ):
     """Measure every model under every strategy; write and return the JSON payload.
 
@@ -604,6 +635,8 @@ def run(
             `synchronized=True` ("keras"); "both" = on and off, "all" = all three.
         steps_per_execution: training steps per `tf.function` call, for the Trainer and, where
             Keras supports it, for `fit` (see `measure`).
+        precision: the dtype policy both copies are built under (`PRECISIONS`), or several:
+            one row per policy (measured one after the other in this run).
         verbose: print progress.
     """
     import tensorflow as tf
@@ -628,6 +661,11 @@ def run(
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise ValueError(f"bench.training: `strategies`={bad!r}; choose from {STRATEGIES}.")
+    precisions = [precision] if isinstance(precision, str) else list(precision)
+    if not precisions:
+        raise ValueError(f"bench.training: `precision` is empty; choose from {PRECISIONS}.")
+    for p in precisions:
+        _check_precision(p, owner="bench.training")
     steps_per_execution = check_positive_int(
         "steps_per_execution", steps_per_execution, owner="bench.training"
     )
@@ -657,12 +695,13 @@ def run(
             variants = [("auto", False)]
             if row["replicas"] > 1:
                 variants = PAIRINGS[sync_batch_norm]
-            for variant, fit_sync in variants:
+            for (variant, fit_sync), policy in itertools.product(variants, precisions):
                 if log:
                     log(
                         f"{name} / {strategy_name} ({row['replicas']} replica(s)"
                         + (", Trainer without SyncBN" if variant is False else "")
                         + (", fit with Keras' synchronized BatchNorm" if fit_sync else "")
+                        + (f", {policy}" if policy != "float32" else "")
                         + ")"
                     )
                 result = dict(row)
@@ -679,6 +718,7 @@ def run(
                         sync_batch_norm=variant,
                         fit_sync_batch_norm=fit_sync,
                         steps_per_execution=steps_per_execution,
+                        precision=policy,
                     )
                 )
                 if log:
@@ -699,7 +739,8 @@ def run(
         "every call left out; median",
         "command": "python -m dlmodels.bench.training"
         + (" --quick" if quick else "")
-        + (f" --steps-per-execution {steps_per_execution}" if steps_per_execution != 1 else ""),
+        + (f" --steps-per-execution {steps_per_execution}" if steps_per_execution != 1 else "")
+        + (f" --precision {' '.join(precisions)}" if precisions != ["float32"] else ""),
         "settings": {
             "steps_per_epoch": steps,
             "repeats": repeats,
@@ -707,6 +748,7 @@ def run(
             "warmup_epochs": warmup,
             "sync_batch_norm": sync_batch_norm,
             "steps_per_execution": steps_per_execution,
+            "precision": precisions[0] if len(precisions) == 1 else precisions,
         },
         "results": rows,
         "gpu": {
@@ -757,7 +799,18 @@ def main(argv=None):
         help="training steps per tf.function call: the Trainer's steps_per_execution, and "
         "fit's where Keras supports it (one device; fit keeps 1 under MirroredStrategy)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        nargs="+",
+        default=["float32"],
+        help="the Keras dtype policy both copies are built under (several: one row each); "
+        "default output when not only float32: benchmarks/results/training_precision.json",
+    )
     args = parser.parse_args(argv)
+    out = args.out
+    if out == DEFAULT_OUT and args.precision != ["float32"]:
+        out = DEFAULT_OUT.with_name("training_precision.json")
     split_cpu(2)
     run(
         args.models,
@@ -766,10 +819,11 @@ def main(argv=None):
         repeats=args.repeats or (2 if args.quick else 5),
         epochs_per_round=args.epochs_per_round,
         quick=args.quick,
-        output=args.out,
+        output=out,
         seed=args.seed,
         sync_batch_norm=args.sync_batch_norm,
         steps_per_execution=args.steps_per_execution,
+        precision=args.precision,
     )
 
 

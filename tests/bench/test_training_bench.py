@@ -137,7 +137,13 @@ def test_json_holds_consistent_measured_numbers(results):
         "warmup_epochs": 1,
         "sync_batch_norm": "all",
         "steps_per_execution": 1,
+        "precision": "float32",
     }
+    # float32 by default: every convolution of both copies computes in float32.
+    for r in rows:
+        assert r["precision"] == "float32"
+        assert list(r["trainer_compute_dtypes"]) == ["float32"]
+        assert r["fit_compute_dtypes"] == r["trainer_compute_dtypes"]
     # The default: one step per tf.function call on both sides, read back from each.
     assert {(r["trainer_steps_per_execution"], r["fit_steps_per_execution"]) for r in rows} == {
         (1, 1)
@@ -330,3 +336,30 @@ def test_keras_fit_under_mirrored_breaks_with_steps_per_execution():
         tf.errors.InvalidArgumentError, match="You must feed a value for placeholder"
     ):
         model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
+
+
+def test_precision_builds_both_copies_under_the_policy(tmp_path):
+    """--precision float32 mixed_bfloat16: one row per policy; in each, the Trainer's and fit's
+    copies compute their convolutions in that policy's dtype (read back from the layers) and
+    train the same steps; the global policy is float32 again afterwards."""
+    import keras
+
+    out = tmp_path / "precision.json"
+    training.main(
+        ["--quick", "--strategies", "one_device", "--steps", "2", "--repeats", "1",
+         "--epochs-per-round", "2", "--precision", "float32", "mixed_bfloat16", "--out", str(out)]
+    )  # fmt: skip
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
+    assert [r["precision"] for r in rows] == ["float32", "mixed_bfloat16"]
+    assert payload["settings"]["precision"] == ["float32", "mixed_bfloat16"]
+    assert payload["command"].endswith("--precision float32 mixed_bfloat16")
+    for row, dtype in zip(rows, ("float32", "bfloat16"), strict=True):
+        convs = row["trainer_compute_dtypes"]
+        assert list(convs) == [dtype] and convs[dtype] > 0
+        assert row["fit_compute_dtypes"] == convs
+        assert row["trainer_optimizer_steps"] == row["fit_optimizer_steps"] == (1 + 1 * 2) * 2
+        assert row["trainer_weights_moved"] > 0 and row["fit_weights_moved"] > 0
+    assert keras.config.dtype_policy().name == "float32"
+    with pytest.raises(ValueError, match=r"`precision`='float16'; choose one of"):
+        training.run(quick=True, output=None, precision="float16")
