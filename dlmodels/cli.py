@@ -1214,6 +1214,16 @@ def bench_cmd(
         raise typer.BadParameter("choose one of --training and --export", param_hint="--export")
     if builtin is not None and not export:
         raise typer.BadParameter("--builtin goes with --export", param_hint="--builtin")
+    if batches != "1,32" and not export:
+        raise typer.BadParameter("--batches goes with --export", param_hint="--batches")
+    if quick and not training:
+        raise typer.BadParameter("--quick goes with --training", param_hint="--quick")
+    if iters is not None and training:
+        raise typer.BadParameter(
+            "--training times whole epochs, not calls: leave out --iters "
+            "(python -m dlmodels.bench.training --help has its settings)",
+            param_hint="--iters",
+        )
     if export:
         _export_bench(model_path, builtin, output, iters, batches, json_output)
         return

@@ -552,6 +552,9 @@ def test_bench_export_refuses_bad_combinations(tmp_path):
     for argv, needle in (
         (["bench", "--export", "--training"], "choose one of --training and --export"),
         (["bench", "--builtin", "unet"], "--builtin goes with --export"),
+        (["bench", "--batches", "8"], "--batches goes with --export"),
+        (["bench", "--export", "--quick"], "--quick goes with --training"),
+        (["bench", "--training", "--iters", "5"], "leave out --iters"),
         (["bench", "--export", "--batches", "1,x"], "not a comma-separated list"),
         (["bench", "--export", "--builtin", "vgg16"], "'vgg16' is not benchmarked"),
     ):
