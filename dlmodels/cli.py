@@ -1146,14 +1146,16 @@ def demo_cmd(
         raise typer.Exit(code=1)
 
 
+_BENCH_OUT = Path("benchmarks/results/unet_latency.json")
+"""`dlmodels bench`'s --output default; --training and --export read it as "not given"."""
+
+
 @app.command("bench")
 def bench_cmd(
     model_path: Annotated[
         Path | None, typer.Argument(help="a .keras model; default: a U-Net from the demo config")
     ] = None,
-    output: Annotated[Path, typer.Option(help="JSON results file")] = Path(
-        "benchmarks/results/unet_latency.json"
-    ),
+    output: Annotated[Path, typer.Option(help="JSON results file")] = _BENCH_OUT,
     iters: Annotated[
         int | None,
         typer.Option(
@@ -1233,8 +1235,7 @@ def bench_cmd(
         # Imported before TensorFlow starts: it splits the CPU into 2 logical devices.
         from dlmodels.bench import training as training_bench
 
-        default = Path("benchmarks/results/unet_latency.json")
-        out = training_bench.DEFAULT_OUT if output == default else output
+        out = training_bench.DEFAULT_OUT if output == _BENCH_OUT else output
         argv = ["--out", str(out)] + (["--quick"] if quick else [])
         # With --json, stdout carries only the JSON: the progress lines go to stderr.
         with contextlib.redirect_stdout(sys.stderr if json_output else sys.stdout):
@@ -1272,7 +1273,6 @@ def _export_bench(model_path, builtin, output, iters, batches, json_output):
         _existing_file(model_path, "model file", "MODEL_PATH")
     from dlmodels.bench import export as export_bench
 
-    default = Path("benchmarks/results/unet_latency.json")
     # --iters left out: the export benchmark's own default, so that the CLI and
     # `python -m dlmodels.bench.export` time the same number of calls.
     timing = {} if iters is None else {"iters": iters}
@@ -1281,7 +1281,7 @@ def _export_bench(model_path, builtin, output, iters, batches, json_output):
             model_path if model_path is not None else (builtin or "resnet50"),
             output=(
                 output
-                if output != default
+                if output != _BENCH_OUT
                 # A file's results beside the working directory, never over the committed
                 # benchmarks/results/export_<builtin>.json.
                 else Path(f"{model_path.stem}_export.json")

@@ -585,8 +585,10 @@ def _compute_dtypes(model) -> dict[str, int]:
     """Compute dtype -> how many convolution layers run in it (read back from the model)."""
     import keras
 
+    from dlmodels.training.replicas import layers_of
+
     out: dict[str, int] = {}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in layers_of([model]):
         if isinstance(layer, keras.layers.Conv2D | keras.layers.Conv2DTranspose):
             out[layer.compute_dtype] = out.get(layer.compute_dtype, 0) + 1
     return out

@@ -27,7 +27,9 @@ SEED_FOLD_PRIME = 1_000_003
 """Replica r adds `r * SEED_FOLD_PRIME` to the key (first) element of every seed state."""
 
 
-def _layers(models):
+def layers_of(models):
+    """Every layer inside `models` (the models themselves and nested blocks included), each
+    once, in Keras' own traversal order."""
     seen = set()
     for model in models:
         for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -39,7 +41,7 @@ def _layers(models):
 def batch_norm_layers(models):
     """Every `keras.layers.BatchNormalization` inside `models`, nested blocks included."""
     return [
-        layer for layer in _layers(models) if isinstance(layer, keras.layers.BatchNormalization)
+        layer for layer in layers_of(models) if isinstance(layer, keras.layers.BatchNormalization)
     ]
 
 
@@ -163,7 +165,7 @@ def seed_state_variables(models):
             seen.add(key)
             found.append(variable)
 
-    for layer in _layers(models):
+    for layer in layers_of(models):
         for generator in getattr(layer, "_seed_generators", None) or ():
             add(generator.state)
     for model in models:
