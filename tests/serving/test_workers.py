@@ -35,6 +35,11 @@ def wait_until(done, timeout: float = 60.0, every: float = 0.1) -> None:
         time.sleep(every)
 
 
+def wait_for_events(server: ServerProcess, **counts: int) -> None:
+    """Wait until the server has logged exactly `counts[name]` events of each `name`."""
+    wait_until(lambda: all(len(events_named(server, n)) == k for n, k in counts.items()))
+
+
 def samples(text: str) -> dict:
     """{(sample name, sorted label items): value} of a Prometheus text exposition."""
     out = {}
@@ -222,12 +227,7 @@ def test_two_workers_share_port_metrics_restart_and_shutdown(classifier):
         # Kill worker 0: it is restarted under the same index, its counts stay counted.
         pid = events_named(server, "worker_started")[0]["pid"]
         os.kill(pid, signal.SIGKILL)
-        wait_until(
-            lambda: (
-                len(events_named(server, "worker_started")) == 3
-                and len(events_named(server, "server_ready")) == 3
-            )
-        )
+        wait_for_events(server, worker_started=3, server_ready=3)
         started = events_named(server, "worker_started")
         exited = events_named(server, "worker_exited")
         assert [(e["worker"], e["pid"], e["exitcode"]) for e in exited] == [
@@ -308,7 +308,7 @@ def test_workers_exit_when_their_supervisor_is_killed(classifier):
     repo, _ = classifier
     server = ServerProcess(repo, "--workers", "2", "--poll-interval", "0")
     try:
-        pids = [e["pid"] for e in server.events() if e.get("event") == "worker_started"]
+        pids = [e["pid"] for e in events_named(server, "worker_started")]
         assert len(pids) == 2
         # Both workers running their own code first: a worker whose parent dies while spawn is
         # still handing it its arguments just fails to start (no orphan, nothing to log).
@@ -316,12 +316,7 @@ def test_workers_exit_when_their_supervisor_is_killed(classifier):
         assert {e["pid"] for e in events_named(server, "server_ready")} >= set(pids)
         server.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
         server.proc.wait()
-        wait_until(
-            lambda: (
-                len(events_named(server, "supervisor_gone")) == 2
-                and len(events_named(server, "server_stopped")) == 2
-            )
-        )
+        wait_for_events(server, supervisor_gone=2, server_stopped=2)
         gone = events_named(server, "supervisor_gone")
         stopped = events_named(server, "server_stopped")
         assert sorted(e["pid"] for e in gone) == sorted(pids)
